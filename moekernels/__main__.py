@@ -1,0 +1,3 @@
+from moekernels.cli import main
+
+main()

@@ -1,0 +1,2 @@
+"""Fused ops. Each op module holds ``<op>_ref``, the autograd Function and the public function."""
+from moekernels.ops.mog_posterior import MoGPosterior, mog_posterior, mog_posterior_eager, mog_posterior_ref  # noqa: F401
