@@ -12,6 +12,14 @@ TORCH_LIBRARY(moekernels, m) {
   // Gradients w.r.t. x, means, log_var and the normalised logpi, from the saved forward output log_resp.
   m.def("mog_posterior_bwd(Tensor grad_log_resp, Tensor grad_lse, Tensor x, Tensor means, Tensor log_var, "
         "Tensor log_resp) -> (Tensor, Tensor, Tensor, Tensor)");
+  // DESIGN.md 3.1. A is (K, D, d) or None (identity, D == d); s, gamma are (B,); logpi (K, L) is *normalised*.
+  // Returns score (B, D), lse (B,), w (B, K, L) (an empty tensor unless return_weights).
+  m.def("molr_mog_score_fwd(Tensor x, Tensor s, Tensor gamma, Tensor? A, Tensor mu, Tensor log_var, Tensor logpi, "
+        "bool return_weights) -> (Tensor, Tensor, Tensor)");
+  // Gradients w.r.t. x, A (None when A is None), mu, log_var and the normalised logpi; g_w is None unless the
+  // weights were returned and used. Recomputes z = A^T x and w per row (never stores B x K x L x d).
+  m.def("molr_mog_score_bwd(Tensor G, Tensor g_lse, Tensor? g_w, Tensor x, Tensor s, Tensor gamma, Tensor? A, "
+        "Tensor mu, Tensor log_var, Tensor logpi, Tensor lse) -> (Tensor, Tensor?, Tensor, Tensor, Tensor)");
 }
 
 namespace {
