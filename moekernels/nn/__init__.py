@@ -1,0 +1,2 @@
+"""Drop-in ``torch.nn`` modules built on the fused ops."""
+from moekernels.nn.dispatcher import MoGDispatcher  # noqa: F401
