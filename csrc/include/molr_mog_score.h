@@ -108,15 +108,17 @@ MOEK_HD Acc row_weights(Acc* l, int64_t n) {
 
 // c_k = sum_l w_kl (z_k/gamma^2 - e_kl/m_kl) = W_k z_k / gamma^2 - sum_l w_kl (z_k - s mu_kl) / m_kl   (general A)
 // For the identity, call with inv_gamma2 = 0 and accumulate every k into the same c: c = -sum_kl w e/m = score.
-// c is overwritten (accumulate = false) or added to (accumulate = true).
+// c is overwritten (accumulate = false) or added to (accumulate = true). smu_k / inv_m_k hold the L components
+// of expert k, kl_stride apart (default d: packed).
 template <typename Acc>
 MOEK_HD void expert_c(const Acc* z_k, const Acc* w_k, const Acc* smu_k, const Acc* inv_m_k, int64_t L, int64_t d,
-                      Acc inv_gamma2, Acc* c, bool accumulate) {
+                      Acc inv_gamma2, Acc* c, bool accumulate, int64_t kl_stride = 0) {
+  const int64_t st = kl_stride > 0 ? kl_stride : d;
   Acc W = 0;
   for (int64_t l = 0; l < L; ++l) W += w_k[l];
   for (int64_t i = 0; i < d; ++i) {
     Acc acc = W * inv_gamma2 * z_k[i];
-    for (int64_t l = 0; l < L; ++l) acc -= w_k[l] * (z_k[i] - smu_k[l * d + i]) * inv_m_k[l * d + i];
+    for (int64_t l = 0; l < L; ++l) acc -= w_k[l] * (z_k[i] - smu_k[l * st + i]) * inv_m_k[l * st + i];
     c[i] = accumulate ? c[i] + acc : acc;
   }
 }
