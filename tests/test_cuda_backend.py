@@ -180,6 +180,12 @@ def test_deterministic_and_stream_aware():
         assert torch.equal(a, b)
 
 
+def test_float16_log_resp_finite_for_far_components():
+    x, m, lv, lp = make(20, 64, 3, spread=60.0, dtype=torch.float16)
+    lr, lse, _ = run(cuda([x, m, lv, lp]))
+    assert torch.isfinite(lr).all() and torch.isfinite(lse).all()
+
+
 def test_argmax_ties_pick_the_first():
     x, m, lv, lp = make(40, 6, 90)
     m[66], lv[66], lp[66] = m[5], lv[5], lp[5]

@@ -211,3 +211,13 @@ def test_emu_finite_for_extreme_inputs(emu):
     x, lv = x * 1e4, lv - 10.0
     lr, lse, _ = emu.forward(x.float(), m.float(), lv.float(), lp.float())
     assert torch.isfinite(lr).all() and torch.isfinite(lse).all()
+
+
+def test_emu_float16_log_resp_saturates_instead_of_inf(emu):
+    """Far components have log-responsibilities below -65504: float16 stores -65504, not -inf."""
+    x, m, lv, lp = make(20, 64, 3, spread=60.0)
+    lr, lse, _ = emu.forward(*(t.half() for t in (x, m, lv, lp)))
+    assert torch.isfinite(lr).all() and torch.isfinite(lse).all()
+    assert (lr.float() == -65504.0).any()  # the case is exercised
+    rlr = mog_posterior_ref(*(t.half().double() for t in (x, m, lv, lp)))[0]
+    torch.testing.assert_close(lr.double().exp(), rlr.exp(), rtol=0, atol=2e-3)

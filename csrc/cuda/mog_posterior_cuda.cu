@@ -58,6 +58,18 @@ __device__ __forceinline__ void store(double* p, double v) { *p = v; }
 __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// log_resp: a float16 log-probability below -65504 is stored as -65504 rather than -inf (exp of either is 0), so
+// finite inputs never give an infinite log_resp. Other outputs (lse, gradients) are not clamped: an overflowing
+// float16 gradient stays inf, as AMP's GradScaler expects.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_logp(T* p, Acc v) {
+  store(p, v);
+}
+template <>
+__device__ __forceinline__ void store_logp<__half, float>(__half* p, float v) {
+  store(p, fmaxf(v, -65504.0f));
+}
+
 template <typename Acc>
 __device__ __forceinline__ Acc neg_inf() {
   return -static_cast<Acc>(INFINITY);
@@ -235,7 +247,7 @@ __global__ void __launch_bounds__((BM / TM) * (BK / TN), 2)
 #pragma unroll
       for (int j = 0; j < TN; ++j) {
         const int k = tx + j * NTX;
-        if (k < K) store(&log_resp[r * K + k], l[i][j] - lse[i]);
+        if (k < K) store_logp(&log_resp[r * K + k], l[i][j] - lse[i]);
       }
     }
   } else {
@@ -249,7 +261,7 @@ __global__ void __launch_bounds__((BM / TM) * (BK / TN), 2)
           const int k = k0 + tx + j * NTX;
           if (k < K) {
             const Acc v = raw[r * K + k];
-            store(&log_resp[r * K + k], v - lse[i]);
+            store_logp(&log_resp[r * K + k], v - lse[i]);
           }
         }
       }
