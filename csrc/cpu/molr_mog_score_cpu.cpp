@@ -125,20 +125,28 @@ struct GenericRows {
   }
 
   // General: z, dc rows of Z, dC; writes C row (c) and dZ row (dz). Identity: z = x, dc = G; writes dx into dz.
-  static void backward_row(const T* x, const T* z, const T* dc, T dlse, const T* gw, const Dims& dm,
-                           const Consts<T>& cs, T* w, T* dw, T* c, T* dz, T* dmu_acc, T* dvar_acc, T* dlp_acc) {
+  // Returns sum_kl dl_kl (= dlse up to rounding; the dx epilogue uses it, see molr_mog_score.h).
+  static T backward_row(const T* x, const T* z, const T* dc, T dlse, const T* gw, const Dims& dm,
+                           const Consts<T>& cs, T* w, T* dw, T* aW, T* c, T* dz, T* dmu_acc, T* dvar_acc,
+                           T* dlp_acc) {
     const T inv_g2 = T(1) / (cs.g * cs.g);
     const T ig2 = dm.identity ? T(0) : inv_g2;
     const int64_t zs = dm.identity ? 0 : dm.d, L = dm.L, d = dm.d, dp = dm.dp;
     weights(x, z, dm, cs, w);
-    for (int64_t k = 0; k < dm.K; ++k)
+    T* a = aW;           // (K) a_k = dc_k . z_k / gamma^2
+    T* Wk = aW + dm.K;   // (K) W_k
+    for (int64_t k = 0; k < dm.K; ++k) {
+      T t = 0;
+      for (int64_t i = 0; i < d; ++i) t += dc[k * zs + i] * z[k * zs + i];
+      a[k] = t * ig2;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t kl = k * L + l;
-        dw[kl] = kl_dw<T>(dc + k * zs, z + k * zs, cs.smu.data() + kl * dp, cs.inv_m.data() + kl * dp, d, ig2,
+        dw[kl] = kl_dw<T>(dc + k * zs, z + k * zs, cs.smu.data() + kl * dp, cs.inv_m.data() + kl * dp, d, T(0),
                           gw ? gw[kl] : T(0));
       }
+    }
     if (!dm.identity) expert_cs(z, w, dm, cs, c);
-    row_dlogits<T>(w, dw, dm.KL, dlse);  // dw -> dl
+    row_dlogits_split<T>(w, a, dw, Wk, dm.K, L, dlse);  // dw -> dl
     std::fill(dz, dz + (dm.identity ? d : dm.Kd), T(0));
     for (int64_t k = 0; k < dm.K; ++k) {
       T* dzk = dz + k * zs;
@@ -159,6 +167,9 @@ struct GenericRows {
         for (int64_t i = 0; i < d; ++i) dzk[i] += (W * dck[i] + Dl * zk[i]) * inv_g2;
       }
     }
+    T dl_sum = 0;
+    for (int64_t kl = 0; kl < dm.KL; ++kl) dl_sum += dw[kl];
+    return dl_sum;
   }
 
   // out -= x * a   (score epilogue)          and   out -= (g + b x) * a   (dx epilogue)
@@ -392,33 +403,35 @@ struct Avx2Rows {
     return lse_rel;
   }
 
-  MOLR_AVX2 static void backward_row(const float* x, const float* z, const float* dc, float dlse, const float* gw,
-                                     const Dims& dm, const Consts<float>& cs, float* w, float* dw, float* c,
-                                     float* dz, float* dmu_acc, float* dvar_acc, float* dlp_acc) {
+  MOLR_AVX2 static float backward_row(const float* x, const float* z, const float* dc, float dlse, const float* gw,
+                                     const Dims& dm, const Consts<float>& cs, float* w, float* dw, float* aW,
+                                     float* c, float* dz, float* dmu_acc, float* dvar_acc, float* dlp_acc) {
     const Chunks ch(dm.d);
     const float inv_g2 = 1.0f / (cs.g * cs.g);
-    const __m256 IG2 = _mm256_set1_ps(dm.identity ? 0.0f : inv_g2);
     const int64_t zs = dm.identity ? 0 : dm.d, L = dm.L;
     const float* smu = cs.smu.data();
     const float* im = cs.inv_m.data();
     weights(x, z, dm, cs, w);
+    float* a = aW;          // (K) a_k = dc_k . z_k / gamma^2
+    float* Wk = aW + dm.K;  // (K) W_k
     for (int64_t k = 0; k < dm.K; ++k) {
       const float* zk = z + k * zs;
       const float* dck = dc + k * zs;
+      __m256 acc_a = _mm256_setzero_ps();
+      for (int64_t cc = 0; cc < ch.n; ++cc) acc_a = _mm256_fmadd_ps(ch.load(dck, cc), ch.load(zk, cc), acc_a);
+      a[k] = dm.identity ? 0.0f : hsum(acc_a) * inv_g2;
       for (int64_t l = 0; l < L; ++l) {
         const int64_t o = (k * L + l) * dm.dp;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t cc = 0; cc < ch.n; ++cc) {
-          const __m256 zc = ch.load(zk, cc);
-          const __m256 e = _mm256_sub_ps(zc, _mm256_loadu_ps(smu + o + 8 * cc));
-          const __m256 t = _mm256_fmsub_ps(zc, IG2, _mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * cc)));
-          acc = _mm256_fmadd_ps(ch.load(dck, cc), t, acc);
+          const __m256 e = _mm256_sub_ps(ch.load(zk, cc), _mm256_loadu_ps(smu + o + 8 * cc));
+          acc = _mm256_fmadd_ps(ch.load(dck, cc), _mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * cc)), acc);
         }
-        dw[k * L + l] = (gw ? gw[k * L + l] : 0.0f) + hsum(acc);
+        dw[k * L + l] = (gw ? gw[k * L + l] : 0.0f) - hsum(acc);
       }
     }
     if (!dm.identity) expert_cs(z, w, dm, cs, c);
-    row_dlogits<float>(w, dw, dm.KL, dlse);  // dw -> dl
+    row_dlogits_split<float>(w, a, dw, Wk, dm.K, L, dlse);  // dw -> dl
     if (dm.identity) std::fill(dz, dz + dm.d, 0.0f);
     const __m256 S = _mm256_set1_ps(cs.s), S2 = _mm256_set1_ps(cs.s * cs.s), HALF = _mm256_set1_ps(0.5f);
     for (int64_t k = 0; k < dm.K; ++k) {
@@ -456,6 +469,9 @@ struct Avx2Rows {
         }
       }
     }
+    float dl_sum = 0;
+    for (int64_t kl = 0; kl < dm.KL; ++kl) dl_sum += dw[kl];
+    return dl_sum;
   }
 
   MOLR_AVX2 static void axpy_rows(float* out, const float* x, float a, int64_t n) {
@@ -583,7 +599,7 @@ void backward_run(const Prepared& p, const at::Tensor& G, const at::Tensor& g_ls
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t blk0 = nblocks * chunk / nchunks, blk1 = nblocks * (chunk + 1) / nchunks;
       Consts<T> cs(dm, mup, vp, lpp);
-      std::vector<T> w(dm.KL), dw(dm.KL);
+      std::vector<T> w(dm.KL), dw(dm.KL), aW(2 * dm.K), dl_sum(BS);
       T* dmu_acc = acc_small[chunk].data_ptr<T>();
       T* dvar_acc = dmu_acc + KLp;
       T* dlp_acc = dvar_acc + KLp;
@@ -613,19 +629,20 @@ void backward_run(const Prepared& p, const at::Tensor& G, const at::Tensor& g_ls
           const T* xr = xp + r * dm.D;
           const T* gwr = gwp ? gwp + r * dm.KL : nullptr;
           if (dm.identity) {
-            Rows::backward_row(xr, xr, Gp + r * dm.D, glp[r], gwr, dm, cs, w.data(), dw.data(), nullptr,
+            Rows::backward_row(xr, xr, Gp + r * dm.D, glp[r], gwr, dm, cs, w.data(), dw.data(), aW.data(), nullptr,
                                dxp + r * dm.D, dmu_acc, dvar_acc, dlp_acc);
           } else {
             const int64_t o = (r - r0) * dm.Kd;
-            Rows::backward_row(xr, Z.data_ptr<T>() + o, dC.data_ptr<T>() + o, glp[r], gwr, dm, cs, w.data(),
-                               dw.data(), C.data_ptr<T>() + o, dZ.data_ptr<T>() + o, dmu_acc, dvar_acc, dlp_acc);
+            dl_sum[r - r0] = Rows::backward_row(xr, Z.data_ptr<T>() + o, dC.data_ptr<T>() + o, glp[r], gwr, dm, cs, w.data(),
+                               dw.data(), aW.data(), C.data_ptr<T>() + o, dZ.data_ptr<T>() + o, dmu_acc, dvar_acc, dlp_acc);
           }
         }
         if (!dm.identity) {
           at::Tensor dx_blk = dx.narrow(0, r0, nr);
           at::mm_out(dx_blk, dZ, p.A_cat.t());
           for (int64_t r = r0; r < r0 + nr; ++r)
-            Rows::dx_epilogue(dxp + r * dm.D, Gp + r * dm.D, xp + r * dm.D, T(1) / (gp[r] * gp[r]), glp[r], dm.D);
+            Rows::dx_epilogue(dxp + r * dm.D, Gp + r * dm.D, xp + r * dm.D, T(1) / (gp[r] * gp[r]), dl_sum[r - r0],
+                              dm.D);
           dA_chunk.addmm_(Gb.t(), C);
           dA_chunk.addmm_(Xb.t(), dZ);
         }
@@ -698,7 +715,6 @@ void check_inputs(const char* op, const at::Tensor& x, const at::Tensor& s, cons
   auto same = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
     TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype");
-    TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
   };
   same(x, "x");
   same(s, "s");
@@ -728,9 +744,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> molr_mog_score_fwd_cpu(
   at::Tensor lse = at::empty({B}, x.options());
   at::Tensor w = return_weights ? at::empty({B, K, L}, x.options()) : at::empty({0}, x.options());
   if (B == 0) return {score, lse, w};
-  const at::Tensor* Ap = A.has_value() ? &*A : nullptr;
+  // Non-contiguous inputs are copied (the Python layer already passes contiguous ones: no-ops then).
+  const at::Tensor xc = x.contiguous(), sc = s.contiguous(), gc = gamma.contiguous(), muc = mu.contiguous(),
+                   lvc = log_var.contiguous(), lpc = logpi.contiguous();
+  const at::Tensor Ac = A.has_value() ? A->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "molr_mog_score_fwd_cpu", [&] {
-    forward_impl<scalar_t>(x, s, gamma, Ap, mu, log_var, logpi, score, lse, return_weights ? &w : nullptr);
+    forward_impl<scalar_t>(xc, sc, gc, A.has_value() ? &Ac : nullptr, muc, lvc, lpc, score, lse,
+                           return_weights ? &w : nullptr);
   });
   return {score, lse, w};
 }
@@ -743,25 +763,28 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, at::Tensor, at::Te
   at::AutoDispatchBelowAutograd no_autograd;
   (void)lse;  // the weights are recomputed from the logits (softmax), see molr_mog_score.h
   const int64_t B = x.size(0), K = mu.size(0), L = mu.size(1);
-  TORCH_CHECK(G.sizes() == x.sizes() && G.scalar_type() == x.scalar_type() && G.is_contiguous(),
+  TORCH_CHECK(G.sizes() == x.sizes() && G.scalar_type() == x.scalar_type() && G.device().is_cpu(),
               "molr_mog_score_bwd: G must be like x");
   TORCH_CHECK(g_lse.dim() == 1 && g_lse.size(0) == B && g_lse.scalar_type() == x.scalar_type() &&
-                  g_lse.is_contiguous(),
+                  g_lse.device().is_cpu(),
               "molr_mog_score_bwd: g_lse must be (B,) like x");
   if (g_w.has_value())
     TORCH_CHECK(g_w->dim() == 3 && g_w->size(0) == B && g_w->size(1) == K && g_w->size(2) == L &&
-                    g_w->scalar_type() == x.scalar_type() && g_w->is_contiguous(),
+                    g_w->scalar_type() == x.scalar_type() && g_w->device().is_cpu(),
                 "molr_mog_score_bwd: g_w must be (B, K, L) like x");
   at::Tensor dx = at::empty_like(x);
   c10::optional<at::Tensor> dA;
   if (A.has_value()) dA = at::zeros_like(*A);
   at::Tensor dmu = at::zeros_like(mu), dlog_var = at::zeros_like(log_var), dlogpi = at::zeros_like(logpi);
   if (B == 0) return {dx, dA, dmu, dlog_var, dlogpi};
-  const at::Tensor* Ap = A.has_value() ? &*A : nullptr;
-  const at::Tensor* gwp = g_w.has_value() ? &*g_w : nullptr;
+  const at::Tensor xc = x.contiguous(), sc = s.contiguous(), gc = gamma.contiguous(), muc = mu.contiguous(),
+                   lvc = log_var.contiguous(), lpc = logpi.contiguous(), Gc = G.contiguous(),
+                   glc = g_lse.contiguous();
+  const at::Tensor Ac = A.has_value() ? A->contiguous() : at::Tensor();
+  const at::Tensor gwc = g_w.has_value() ? g_w->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "molr_mog_score_bwd_cpu", [&] {
-    backward_impl<scalar_t>(G, g_lse, gwp, x, s, gamma, Ap, mu, log_var, logpi, dx, dA ? &*dA : nullptr, dmu,
-                            dlog_var, dlogpi);
+    backward_impl<scalar_t>(Gc, glc, g_w.has_value() ? &gwc : nullptr, xc, sc, gc, A.has_value() ? &Ac : nullptr,
+                            muc, lvc, lpc, dx, dA ? &*dA : nullptr, dmu, dlog_var, dlogpi);
   });
   return {dx, dA, dmu, dlog_var, dlogpi};
 }

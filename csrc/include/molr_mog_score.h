@@ -25,12 +25,14 @@
 // Backward (G = dL/dscore, dlse, optional g_w = dL/dw):
 //   dc_k  = A_k^T G  (caller's GEMM; identity: dc_k = G)
 //   dw_kl = g_w_kl + dc_k . (z_k/gamma^2 - e_kl/m_kl)      (identity: g_w_kl - G . e_kl/m_kl)
-//   dl_kl = w_kl (dw_kl - sum w dw) + w_kl dlse
+//   dl_kl = w_kl (dw_kl - sum w dw) + w_kl dlse             (computed by row_dlogits_split: see there why)
 //   de_kl = -w_kl dc_k / m_kl - dl_kl e_kl / m_kl
 //   dm_kl =  w_kl dc_k e_kl / m_kl^2 - dl_kl / 2 (1/m_kl - e_kl^2/m_kl^2)
 //   dz_k  = (W_k dc_k + (sum_l dl_kl) z_k) / gamma^2 + sum_l de_kl            (W_k = sum_l w_kl)
 //   dmu_kl = -s de_kl ; dlog_var_kl = s^2 exp(log_var_kl) dm_kl ; dlogpi_kl = dl_kl
 //   dx = -G/gamma^2 + sum_k A_k dz_k - dlse x / gamma^2 (caller's GEMM) ; dA_k = sum_rows G c_k^T + x dz_k^T
+//        (use the computed sum_kl dl_kl for dlse here, not the incoming dlse: the term then cancels the
+//         (sum_l dl_kl) z_k / gamma^2 parts of dz consistently, as autograd through the formula does)
 //   identity: dx = sum_kl de_kl, no dA.
 #pragma once
 
@@ -139,6 +141,31 @@ MOEK_HD void row_dlogits(const Acc* w, Acc* dw, int64_t n, Acc dlse) {
   Acc tot = 0;
   for (int64_t j = 0; j < n; ++j) tot += w[j] * dw[j];
   for (int64_t j = 0; j < n; ++j) dw[j] = w[j] * (dw[j] - tot + dlse);
+}
+
+// Softmax backward with the expert-constant part of dw split off. dw_kl = a_k + b_kl, where
+//   a_k  = dc_k . z_k / gamma^2        (~1/gamma^2 large, the same for every l of expert k; 0 for the identity)
+//   b_kl = g_w_kl - dc_k . e_kl / m_kl (kl_dw with inv_gamma2 = 0)
+// dl_kl = w_kl [(a_k - sum_k' W_k' a_k') + (b_kl - sum w b) + dlse], with a_k - abar formed as
+// sum_k' W_k' (a_k - a_k'): its rounding error then scales with (1 - W_k) |a| rather than with |a| (forming
+// dw = a + b first and then dw - sum w dw loses eps |a| / gamma^2 in dx; 10x the ref's float32 error at gamma=1e-2).
+// W (K) holds W_k = sum_l w_kl on return. b (K*L) is overwritten with dl.
+template <typename Acc>
+MOEK_HD void row_dlogits_split(const Acc* w, const Acc* a, Acc* b, Acc* W, int64_t K, int64_t L, Acc dlse) {
+  Acc bbar = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    Acc Wk = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      Wk += w[k * L + l];
+      bbar += w[k * L + l] * b[k * L + l];
+    }
+    W[k] = Wk;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Acc da = 0;
+    for (int64_t k2 = 0; k2 < K; ++k2) da += W[k2] * (a[k] - a[k2]);
+    for (int64_t l = 0; l < L; ++l) b[k * L + l] = w[k * L + l] * (da + (b[k * L + l] - bbar) + dlse);
+  }
 }
 
 // One component's backward through e and m: accumulates dz_k[i] += de_i, dmu_acc[i] += -s de_i,
