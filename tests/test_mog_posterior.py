@@ -67,9 +67,10 @@ def test_backend_vs_ref_float64(backend, B, D, K, iso):
     backend_or_skip(SPEC, backend, {"x": x})
     out = mog_posterior(x, m, lv, lp, backend=backend)
     ref = mog_posterior_ref(*(t.double() for t in (x, m, lv, lp)))
-    tol = 1e-10 if x.dtype == torch.float64 else 2e-4
-    torch.testing.assert_close(out.log_resp.double(), ref[0], rtol=0, atol=tol)
-    torch.testing.assert_close(out.lse.double(), ref[1], rtol=tol, atol=tol)
+    # float32: |log_resp| reaches ~1e3 for far-apart components, where float32 spacing alone is ~1e-4
+    tol = 1e-10 if x.dtype == torch.float64 else 2e-4 * max(1.0, ref[0].abs().max().item() / 100)
+    torch.testing.assert_close(out.log_resp.double().cpu(), ref[0], rtol=0, atol=tol)
+    torch.testing.assert_close(out.lse.double().cpu(), ref[1], rtol=tol, atol=tol)
     assert out.assign.dtype == torch.int64 and out.assign.shape == (B,)
     # argmax may only differ where the top two logits tie within tolerance
     top2 = ref[0].topk(min(2, K), -1).values
