@@ -1,0 +1,569 @@
+// CPU kernels of mog_posterior (DESIGN.md 3.2): torch.ops.moekernels.mog_posterior_fwd / _bwd on CPU tensors.
+//
+// Both passes use the scaled-difference form of csrc/include/mog_posterior.h on data centred on the mean of the
+// means (so float32 stays accurate far from the origin):
+//     u_ikj = xc_ij s_kj - cc_kj s_kj,   s = exp(-log_var / 2),  xc = x - centre,  cc = c - centre
+//     l_ik  = bias_k - 1/2 sum_j u_ikj^2
+// forward : one fused pass per tile of rows: u^2 accumulated in registers (2 FMAs per element, like the GEMM
+//           it replaces), then the row epilogue (max, exp-sum, log, argmax) writes log_resp / lse / assign.
+// backward: g_ik = dL/dl_ik from (grad_log_resp, grad_lse, log_resp) (row_grad_logits), then one fused pass
+//           over the same u_ikj:
+//     dx_ij       = -sum_k g_ik u_ikj s_kj
+//     dmeans_kj   =  s_kj sum_i g_ik u_ikj
+//     dlog_var_kj =  1/2 (sum_i g_ik u_ikj^2 - sum_i g_ik)
+//     dlogpi_k    =  sum_i g_ik
+//
+// Paths: float32 with AVX2+FMA (intrinsics, chosen at run time with cpu::has_avx2_fma()), and a portable path
+// (plain loops the compiler vectorises) for float32 and float64. MOEKERNELS_CPU_GENERIC=1 in the environment
+// forces the portable path (read at every call, so tests can switch it).
+//
+// Accumulation: float32 for float32 inputs (float64 for float64); the sums over rows of the backward are
+// accumulated in float32 over blocks of at most kFlushRows rows and then added into float64 per thread.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_features.h"
+#include "cpu_simd.h"
+#include "mog_posterior.h"
+
+namespace moekernels {
+namespace {
+
+constexpr int64_t kRows = 4;          // rows per register tile
+constexpr int64_t kJBlock = 8;        // forward: terms of the sum over j accumulated before adding into the total
+constexpr int64_t kFlushRows = 256;   // backward: rows summed in Acc before adding into the float64 totals
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+bool force_generic() {
+  const char* v = std::getenv("MOEKERNELS_CPU_GENERIC");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+bool use_avx2_float() {
+#if defined(MOEKERNELS_HAVE_AVX2_PATH)
+  return cpu::has_avx2_fma() && !force_generic();
+#else
+  return false;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ constants
+// centre (D), and per component s = exp(-lv/2), cs = (c - centre) s, bias, computed in float64 by the shared
+// component_constants() and rounded to Acc. Layout: kj_major = false -> S[j * ldk + k] (8 consecutive k
+// contiguous, forward); kj_major = true -> S[k * ldj + j] (8 consecutive j contiguous, backward). Padding is 0.
+template <typename T, typename Acc>
+struct Constants {
+  std::vector<Acc> centre, S, CS, bias;
+  int64_t ld = 0;
+
+  Constants(const T* means, const T* log_var, const T* logpi, int64_t K, int64_t D, bool kj_major, int64_t pad_k,
+            int64_t pad_j) {
+    std::vector<double> cen(D, 0.0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < D; ++j) cen[j] += static_cast<double>(means[k * D + j]);
+    centre.resize(D);
+    for (int64_t j = 0; j < D; ++j) {
+      // the centre is a T value, so x - centre (done in Acc) is exact for x near it
+      centre[j] = static_cast<Acc>(static_cast<T>(cen[j] / static_cast<double>(K)));
+    }
+    const int64_t Kp = round_up(K, pad_k), Dp = round_up(D, pad_j);
+    ld = kj_major ? Dp : Kp;
+    S.assign(static_cast<size_t>(Kp * Dp), Acc(0));
+    CS.assign(static_cast<size_t>(Kp * Dp), Acc(0));
+    bias.assign(static_cast<size_t>(Kp), Acc(0));
+    std::vector<double> mc(D), lv(D), s(D), cs(D);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < D; ++j) {
+        mc[j] = static_cast<double>(means[k * D + j]) - static_cast<double>(centre[j]);
+        lv[j] = static_cast<double>(log_var[k * D + j]);
+      }
+      double b = 0;
+      mog::component_constants<double, double>(mc.data(), lv.data(), static_cast<double>(logpi[k]), D, s.data(),
+                                               cs.data(), &b);
+      bias[k] = static_cast<Acc>(b);
+      for (int64_t j = 0; j < D; ++j) {
+        const int64_t idx = kj_major ? k * Dp + j : j * Kp + k;
+        S[idx] = static_cast<Acc>(s[j]);
+        CS[idx] = static_cast<Acc>(cs[j]);
+      }
+    }
+  }
+};
+
+// Rows [0, n) split into contiguous chunks, one per task of at::parallel_for (deterministic: the split depends
+// only on n and the thread count). grain: the fewest rows worth a task of their own.
+template <typename F>
+void parallel_rows(int64_t n, int64_t grain, F&& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(nt, n / std::max<int64_t>(grain, 1)));
+  at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c, n * c / nchunks, n * (c + 1) / nchunks);
+  });
+}
+
+// ================================================================================== portable path
+template <typename T, typename Acc>
+void fwd_generic(const T* x, int64_t B, int64_t D, int64_t K, const Constants<T, Acc>& P, T* log_resp, T* lse,
+                 int64_t* assign) {
+  const int64_t Kp = P.ld;
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
+  parallel_rows(B, grain, [&](int64_t, int64_t i0, int64_t i1) {
+    std::vector<Acc> xc(kRows * D), acc(kRows * Kp), part(kRows * Kp);
+    for (int64_t ib = i0; ib < i1; ib += kRows) {
+      const int64_t nr = std::min<int64_t>(kRows, i1 - ib);
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t j = 0; j < D; ++j)
+          xc[r * D + j] = r < nr ? static_cast<Acc>(x[(ib + r) * D + j]) - P.centre[j] : Acc(0);
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int64_t j0 = 0; j0 < D; j0 += kJBlock) {  // blocked summation, as in the AVX2 tile
+        std::fill(part.begin(), part.end(), Acc(0));
+        for (int64_t j = j0; j < std::min<int64_t>(D, j0 + kJBlock); ++j) {
+          const Acc* s = P.S.data() + j * Kp;
+          const Acc* cs = P.CS.data() + j * Kp;
+          for (int64_t r = 0; r < kRows; ++r) {
+            const Acc xv = xc[r * D + j];
+            Acc* a = part.data() + r * Kp;
+            for (int64_t k = 0; k < Kp; ++k) {
+              const Acc d = xv * s[k] - cs[k];
+              a[k] += d * d;
+            }
+          }
+        }
+        for (size_t t = 0; t < acc.size(); ++t) acc[t] += part[t];
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        Acc* l = acc.data() + r * Kp;
+        for (int64_t k = 0; k < K; ++k) l[k] = P.bias[k] - Acc(0.5) * l[k];
+        int64_t am = 0;
+        const Acc m = mog::row_log_softmax<Acc>(l, K, &am);
+        const int64_t i = ib + r;
+        for (int64_t k = 0; k < K; ++k) log_resp[i * K + k] = static_cast<T>(l[k]);
+        lse[i] = static_cast<T>(m);
+        assign[i] = am;
+      }
+    }
+  });
+}
+
+// Per-thread sums of the backward: M = sum_i g u, V = sum_i g u^2 (K x Dp), G = sum_i g (K).
+struct BwdTotals {
+  std::vector<double> M, V, G;
+  BwdTotals(int64_t K, int64_t Dp) : M(K * Dp, 0.0), V(K * Dp, 0.0), G(K, 0.0) {}
+};
+
+template <typename Acc>
+void flush(std::vector<Acc>& M, std::vector<Acc>& V, std::vector<Acc>& G, BwdTotals& tot) {
+  for (size_t t = 0; t < M.size(); ++t) tot.M[t] += static_cast<double>(M[t]);
+  for (size_t t = 0; t < V.size(); ++t) tot.V[t] += static_cast<double>(V[t]);
+  for (size_t t = 0; t < G.size(); ++t) tot.G[t] += static_cast<double>(G[t]);
+  std::fill(M.begin(), M.end(), Acc(0));
+  std::fill(V.begin(), V.end(), Acc(0));
+  std::fill(G.begin(), G.end(), Acc(0));
+}
+
+template <typename T, typename Acc>
+void bwd_generic(const T* glr, const T* glse, const T* x, const T* lr, int64_t B, int64_t D, int64_t K,
+                 const Constants<T, Acc>& P, T* dx, std::vector<BwdTotals>& totals) {
+  const int64_t Dp = P.ld;
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / std::max<int64_t>(1, K * D));
+  parallel_rows(B, grain, [&](int64_t c, int64_t i0, int64_t i1) {
+    BwdTotals& tot = totals[c];
+    std::vector<Acc> M(K * Dp, Acc(0)), V(K * Dp, Acc(0)), G(K, Acc(0)), xc(Dp, Acc(0)), dxr(Dp), g(K);
+    int64_t since_flush = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      for (int64_t j = 0; j < D; ++j) xc[j] = static_cast<Acc>(x[i * D + j]) - P.centre[j];
+      mog::row_grad_logits<T, Acc>(glr + i * K, static_cast<Acc>(glse[i]), lr + i * K, K, g.data());
+      std::fill(dxr.begin(), dxr.end(), Acc(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const Acc gk = g[k];
+        G[k] += gk;
+        const Acc* s = P.S.data() + k * Dp;
+        const Acc* cs = P.CS.data() + k * Dp;
+        Acc* m = M.data() + k * Dp;
+        Acc* v = V.data() + k * Dp;
+        for (int64_t j = 0; j < Dp; ++j) {
+          const Acc u = xc[j] * s[j] - cs[j];
+          const Acc gu = gk * u;
+          dxr[j] += gu * s[j];
+          m[j] += gu;
+          v[j] += gu * u;
+        }
+      }
+      for (int64_t j = 0; j < D; ++j) dx[i * D + j] = static_cast<T>(-dxr[j]);
+      if (++since_flush == kFlushRows) {
+        flush(M, V, G, tot);
+        since_flush = 0;
+      }
+    }
+    flush(M, V, G, tot);
+  });
+}
+
+// ================================================================================== AVX2 + FMA path (float32)
+#if defined(MOEKERNELS_HAVE_AVX2_PATH)
+namespace avx = cpu::avx2;
+
+// acc[r * Kp + 8v ...] = sum_j (xc_rj s_jk - cs_jk)^2 for the kRows rows of xc (kRows x D) and the 8V
+// components starting at S / CS (already offset by the tile's first component). Blocked summation: kJBlock
+// terms in registers, then added into acc (error ~ (kJBlock + D / kJBlock) eps instead of D eps).
+template <int V>
+MOEK_AVX2_INLINE void fwd_tile(const float* xc, int64_t D, const float* S, const float* CS, int64_t Kp, float* acc) {
+  for (int64_t j0 = 0; j0 < D; j0 += kJBlock) {
+    const int64_t j1 = std::min<int64_t>(D, j0 + kJBlock);
+    __m256 a[kRows][V];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) a[r][v] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      __m256 s[V], cs[V];
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        s[v] = _mm256_loadu_ps(S + j * Kp + 8 * v);
+        cs[v] = _mm256_loadu_ps(CS + j * Kp + 8 * v);
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(xc + r * D + j);
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) {
+          const __m256 d = _mm256_fmsub_ps(xb, s[v], cs[v]);
+          a[r][v] = _mm256_fmadd_ps(d, d, a[r][v]);
+        }
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        float* p = acc + r * Kp + 8 * v;
+        _mm256_storeu_ps(p, j0 == 0 ? a[r][v] : _mm256_add_ps(_mm256_loadu_ps(p), a[r][v]));
+      }
+  }
+  if (D == 0) {
+    for (int r = 0; r < kRows; ++r)
+      for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + r * Kp + 8 * v, _mm256_setzero_ps());
+  }
+}
+
+// Row epilogue: l = bias - acc/2 (in place, Kp lanes), log-softmax over the first K, argmax (first maximum).
+MOEK_AVX2_INLINE void fwd_epilogue(float* l, const float* bias, int64_t K, int64_t Kp, float* out, float* lse,
+                                   int64_t* assign) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const int64_t Kfull = K / 8 * 8;
+  __m256 mx = ninf;
+  for (int64_t k = 0; k < Kp; k += 8) {
+    __m256 v = _mm256_fnmadd_ps(half, _mm256_loadu_ps(l + k), _mm256_loadu_ps(bias + k));
+    if (k >= Kfull)  // tail lanes >= K: -inf (exp -> 0, never the max)
+      v = _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(avx::tail_mask(static_cast<int>(K - k))));
+    _mm256_storeu_ps(l + k, v);
+    mx = _mm256_max_ps(mx, v);
+  }
+  const float m = avx::hmax_ps(mx);
+  const __m256 mb = _mm256_set1_ps(m);
+  int64_t am = 0;  // first lane equal to the maximum (tail lanes are -inf, never equal to a finite maximum)
+  for (int64_t k = 0; k < Kp; k += 8) {
+    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(l + k), mb, _CMP_EQ_OQ));
+    if (hit) {
+      am = std::min<int64_t>(K - 1, k + __builtin_ctz(static_cast<unsigned>(hit)));
+      break;
+    }
+  }
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t k = 0; k < Kp; k += 8) sum = _mm256_add_ps(sum, avx::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(l + k), mb)));
+  const float ls = m + std::log(avx::hsum_ps(sum));
+  const __m256 lb = _mm256_set1_ps(ls);
+  int64_t k = 0;
+  for (; k < Kfull; k += 8) _mm256_storeu_ps(out + k, _mm256_sub_ps(_mm256_loadu_ps(l + k), lb));
+  if (k < K) _mm256_maskstore_ps(out + k, avx::tail_mask(static_cast<int>(K - k)), _mm256_sub_ps(_mm256_loadu_ps(l + k), lb));
+  *lse = ls;
+  *assign = am;
+}
+
+MOEK_AVX2 void fwd_avx2_rows(const float* x, int64_t i0, int64_t i1, int64_t D, int64_t K,
+                             const Constants<float, float>& P, float* log_resp, float* lse, int64_t* assign) {
+  const int64_t Kp = P.ld;
+  std::vector<float> xc(kRows * D), acc(kRows * Kp);
+  const float* cen = P.centre.data();
+  for (int64_t ib = i0; ib < i1; ib += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, i1 - ib);
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* dst = xc.data() + r * D;
+      if (r < nr) {
+        const float* src = x + (ib + r) * D;
+        int64_t j = 0;
+        for (; j + 8 <= D; j += 8)
+          _mm256_storeu_ps(dst + j, _mm256_sub_ps(_mm256_loadu_ps(src + j), _mm256_loadu_ps(cen + j)));
+        for (; j < D; ++j) dst[j] = src[j] - cen[j];
+      } else {
+        std::fill(dst, dst + D, 0.0f);
+      }
+    }
+    int64_t k0 = 0;
+    for (; k0 + 16 <= Kp; k0 += 16) fwd_tile<2>(xc.data(), D, P.S.data() + k0, P.CS.data() + k0, Kp, acc.data() + k0);
+    if (k0 < Kp) fwd_tile<1>(xc.data(), D, P.S.data() + k0, P.CS.data() + k0, Kp, acc.data() + k0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = ib + r;
+      fwd_epilogue(acc.data() + r * Kp, P.bias.data(), K, Kp, log_resp + i * K, lse + i, assign + i);
+    }
+  }
+}
+
+void fwd_avx2(const float* x, int64_t B, int64_t D, int64_t K, const Constants<float, float>& P, float* log_resp,
+              float* lse, int64_t* assign) {
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
+  parallel_rows(B, grain, [&](int64_t, int64_t i0, int64_t i1) {
+    fwd_avx2_rows(x, i0, i1, D, K, P, log_resp, lse, assign);
+  });
+}
+
+// g (nr x K, rows >= nr zero) of kRows rows starting at row i: g = dlr + exp(lr) * (dlse - sum_k dlr).
+MOEK_AVX2_INLINE void grad_logits_rows(const float* glr, const float* glse, const float* lr, int64_t i, int64_t nr,
+                                       int64_t K, float* g, float* G) {
+  const int64_t Kfull = K / 8 * 8;
+  for (int64_t r = 0; r < kRows; ++r) {
+    float* gr = g + r * K;
+    if (r >= nr) {
+      std::fill(gr, gr + K, 0.0f);
+      continue;
+    }
+    const float* d = glr + (i + r) * K;
+    const float* l = lr + (i + r) * K;
+    __m256 t = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < Kfull; k += 8) t = _mm256_add_ps(t, _mm256_loadu_ps(d + k));
+    float tot = avx::hsum_ps(t);
+    for (; k < K; ++k) tot += d[k];
+    const float c = glse[i + r] - tot;
+    const __m256 cb = _mm256_set1_ps(c);
+    for (k = 0; k < Kfull; k += 8) {
+      const __m256 gv = _mm256_fmadd_ps(avx::exp_ps(_mm256_loadu_ps(l + k)), cb, _mm256_loadu_ps(d + k));
+      _mm256_storeu_ps(gr + k, gv);
+      _mm256_storeu_ps(G + k, _mm256_add_ps(_mm256_loadu_ps(G + k), gv));
+    }
+    for (; k < K; ++k) {
+      gr[k] = d[k] + std::exp(l[k]) * c;
+      G[k] += gr[k];
+    }
+  }
+}
+
+MOEK_AVX2 void bwd_avx2_rows(const float* glr, const float* glse, const float* x, const float* lr, int64_t i0,
+                             int64_t i1, int64_t D, int64_t K, const Constants<float, float>& P, float* dx,
+                             BwdTotals& tot) {
+  const int64_t Dp = P.ld;
+  std::vector<float> M(K * Dp, 0.0f), V(K * Dp, 0.0f), G(K, 0.0f), xc(kRows * Dp, 0.0f), g(kRows * K);
+  const float* cen = P.centre.data();
+  const float* S = P.S.data();
+  const float* CS = P.CS.data();
+  const int64_t Dfull = D / 8 * 8;
+  const __m256i dmask = avx::tail_mask(static_cast<int>(D - Dfull));
+  int64_t since_flush = 0;
+  for (int64_t ib = i0; ib < i1; ib += kRows) {
+    const int64_t nr = std::min<int64_t>(kRows, i1 - ib);
+    for (int64_t r = 0; r < kRows; ++r) {
+      float* dst = xc.data() + r * Dp;
+      if (r < nr) {
+        const float* src = x + (ib + r) * D;
+        for (int64_t j = 0; j < D; ++j) dst[j] = src[j] - cen[j];  // pad columns stay 0
+      } else {
+        std::fill(dst, dst + Dp, 0.0f);
+      }
+    }
+    grad_logits_rows(glr, glse, lr, ib, nr, K, g.data(), G.data());
+    const float* g0 = g.data();
+    const float* g1 = g0 + K;
+    const float* g2 = g1 + K;
+    const float* g3 = g2 + K;
+    for (int64_t j = 0; j < Dp; j += 8) {
+      const __m256 x0 = _mm256_loadu_ps(xc.data() + 0 * Dp + j);
+      const __m256 x1 = _mm256_loadu_ps(xc.data() + 1 * Dp + j);
+      const __m256 x2 = _mm256_loadu_ps(xc.data() + 2 * Dp + j);
+      const __m256 x3 = _mm256_loadu_ps(xc.data() + 3 * Dp + j);
+      __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 s = _mm256_loadu_ps(S + k * Dp + j);
+        const __m256 cs = _mm256_loadu_ps(CS + k * Dp + j);
+        const __m256 u0 = _mm256_fmsub_ps(x0, s, cs);
+        const __m256 u1 = _mm256_fmsub_ps(x1, s, cs);
+        const __m256 u2 = _mm256_fmsub_ps(x2, s, cs);
+        const __m256 u3 = _mm256_fmsub_ps(x3, s, cs);
+        const __m256 gu0 = _mm256_mul_ps(_mm256_broadcast_ss(g0 + k), u0);
+        const __m256 gu1 = _mm256_mul_ps(_mm256_broadcast_ss(g1 + k), u1);
+        const __m256 gu2 = _mm256_mul_ps(_mm256_broadcast_ss(g2 + k), u2);
+        const __m256 gu3 = _mm256_mul_ps(_mm256_broadcast_ss(g3 + k), u3);
+        d0 = _mm256_fmadd_ps(gu0, s, d0);
+        d1 = _mm256_fmadd_ps(gu1, s, d1);
+        d2 = _mm256_fmadd_ps(gu2, s, d2);
+        d3 = _mm256_fmadd_ps(gu3, s, d3);
+        float* m = M.data() + k * Dp + j;
+        float* v = V.data() + k * Dp + j;
+        const __m256 msum = _mm256_add_ps(_mm256_add_ps(gu0, gu1), _mm256_add_ps(gu2, gu3));
+        __m256 vsum = _mm256_mul_ps(gu0, u0);
+        vsum = _mm256_fmadd_ps(gu1, u1, vsum);
+        vsum = _mm256_fmadd_ps(gu2, u2, vsum);
+        vsum = _mm256_fmadd_ps(gu3, u3, vsum);
+        _mm256_storeu_ps(m, _mm256_add_ps(_mm256_loadu_ps(m), msum));
+        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_loadu_ps(v), vsum));
+      }
+      const __m256 dr[kRows] = {d0, d1, d2, d3};
+      for (int64_t r = 0; r < nr; ++r) {
+        const __m256 out = _mm256_sub_ps(_mm256_setzero_ps(), dr[r]);
+        float* dst = dx + (ib + r) * D + j;
+        if (j < Dfull)
+          _mm256_storeu_ps(dst, out);
+        else
+          _mm256_maskstore_ps(dst, dmask, out);
+      }
+    }
+    since_flush += kRows;
+    if (since_flush >= kFlushRows) {
+      flush(M, V, G, tot);
+      since_flush = 0;
+    }
+  }
+  flush(M, V, G, tot);
+}
+
+void bwd_avx2(const float* glr, const float* glse, const float* x, const float* lr, int64_t B, int64_t D, int64_t K,
+              const Constants<float, float>& P, float* dx, std::vector<BwdTotals>& totals) {
+  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / std::max<int64_t>(1, K * D));
+  parallel_rows(B, grain, [&](int64_t c, int64_t i0, int64_t i1) {
+    bwd_avx2_rows(glr, glse, x, lr, i0, i1, D, K, P, dx, totals[c]);
+  });
+}
+#endif  // MOEKERNELS_HAVE_AVX2_PATH
+
+// ================================================================================== ops
+void check_inputs(const at::Tensor& x, const at::Tensor& means, const at::Tensor& log_var, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be (B, D), got ", x.sizes());
+  TORCH_CHECK(means.dim() == 2 && means.size(1) == x.size(1) && means.size(0) >= 1, op,
+              ": means must be (K, D) with K >= 1 and D = ", x.size(1), ", got ", means.sizes());
+  TORCH_CHECK(log_var.sizes() == means.sizes(), op, ": log_var must be (K, D) = ", means.sizes(), ", got ",
+              log_var.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": the cpu kernel supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK(means.scalar_type() == x.scalar_type() && log_var.scalar_type() == x.scalar_type(), op,
+              ": all inputs must have the same dtype");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mog_posterior_fwd_cpu(const at::Tensor& x_, const at::Tensor& means_,
+                                                                     const at::Tensor& log_var_,
+                                                                     const at::Tensor& logpi_) {
+  check_inputs(x_, means_, log_var_, "mog_posterior_fwd");
+  TORCH_CHECK(logpi_.dim() == 1 && logpi_.size(0) == means_.size(0) && logpi_.scalar_type() == x_.scalar_type(),
+              "mog_posterior_fwd: logpi must be (K,) of the same dtype, got ", logpi_.sizes());
+  const at::Tensor x = x_.contiguous(), means = means_.contiguous(), log_var = log_var_.contiguous(),
+                   logpi = logpi_.contiguous();
+  const int64_t B = x.size(0), D = x.size(1), K = means.size(0);
+  at::Tensor log_resp = at::empty({B, K}, x.options());
+  at::Tensor lse = at::empty({B}, x.options());
+  at::Tensor assign = at::empty({B}, x.options().dtype(at::kLong));
+  if (B == 0) return {log_resp, lse, assign};
+  if (x.scalar_type() == at::kFloat) {
+    const float* m = means.data_ptr<float>();
+    const float* lv = log_var.data_ptr<float>();
+    const float* lp = logpi.data_ptr<float>();
+#if defined(MOEKERNELS_HAVE_AVX2_PATH)
+    if (use_avx2_float()) {
+      Constants<float, float> P(m, lv, lp, K, D, /*kj_major=*/false, 8, 1);
+      fwd_avx2(x.data_ptr<float>(), B, D, K, P, log_resp.data_ptr<float>(), lse.data_ptr<float>(),
+               assign.data_ptr<int64_t>());
+      return {log_resp, lse, assign};
+    }
+#endif
+    Constants<float, float> P(m, lv, lp, K, D, false, 8, 1);
+    fwd_generic<float, float>(x.data_ptr<float>(), B, D, K, P, log_resp.data_ptr<float>(), lse.data_ptr<float>(),
+                              assign.data_ptr<int64_t>());
+  } else {
+    Constants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(), logpi.data_ptr<double>(), K,
+                                D, false, 4, 1);
+    fwd_generic<double, double>(x.data_ptr<double>(), B, D, K, P, log_resp.data_ptr<double>(),
+                                lse.data_ptr<double>(), assign.data_ptr<int64_t>());
+  }
+  return {log_resp, lse, assign};
+}
+
+template <typename T, typename Acc>
+void finish_bwd(const Constants<T, Acc>& P, const std::vector<BwdTotals>& totals, int64_t K, int64_t D,
+                at::Tensor& dmeans, at::Tensor& dlog_var, at::Tensor& dlogpi) {
+  const int64_t Dp = P.ld;
+  T* dm = dmeans.data_ptr<T>();
+  T* dv = dlog_var.data_ptr<T>();
+  T* dp = dlogpi.data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) {
+    double gk = 0;
+    for (const auto& t : totals) gk += t.G[k];
+    dp[k] = static_cast<T>(gk);
+    for (int64_t j = 0; j < D; ++j) {
+      double m = 0, v = 0;
+      for (const auto& t : totals) {
+        m += t.M[k * Dp + j];
+        v += t.V[k * Dp + j];
+      }
+      dm[k * D + j] = static_cast<T>(static_cast<double>(P.S[k * Dp + j]) * m);
+      dv[k * D + j] = static_cast<T>(0.5 * (v - gk));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mog_posterior_bwd_cpu(
+    const at::Tensor& grad_log_resp_, const at::Tensor& grad_lse_, const at::Tensor& x_, const at::Tensor& means_,
+    const at::Tensor& log_var_, const at::Tensor& log_resp_) {
+  check_inputs(x_, means_, log_var_, "mog_posterior_bwd");
+  const int64_t B = x_.size(0), D = x_.size(1), K = means_.size(0);
+  TORCH_CHECK(grad_log_resp_.sizes() == at::IntArrayRef({B, K}) && log_resp_.sizes() == at::IntArrayRef({B, K}),
+              "mog_posterior_bwd: grad_log_resp and log_resp must be (B, K) = (", B, ", ", K, ")");
+  TORCH_CHECK(grad_lse_.dim() == 1 && grad_lse_.size(0) == B, "mog_posterior_bwd: grad_lse must be (B,) = (", B, ")");
+  const auto st = x_.scalar_type();
+  TORCH_CHECK(grad_log_resp_.scalar_type() == st && grad_lse_.scalar_type() == st && log_resp_.scalar_type() == st,
+              "mog_posterior_bwd: all inputs must have the same dtype");
+  const at::Tensor glr = grad_log_resp_.contiguous(), glse = grad_lse_.contiguous(), x = x_.contiguous(),
+                   means = means_.contiguous(), log_var = log_var_.contiguous(), lr = log_resp_.contiguous();
+  at::Tensor dx = at::empty({B, D}, x.options());
+  at::Tensor dmeans = at::empty({K, D}, x.options());
+  at::Tensor dlog_var = at::empty({K, D}, x.options());
+  at::Tensor dlogpi = at::empty({K}, x.options());
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  // logpi does not enter the backward (only the bias, which has no use here): pass zeros.
+  if (st == at::kFloat) {
+    std::vector<float> zeros(K, 0.0f);
+    Constants<float, float> P(means.data_ptr<float>(), log_var.data_ptr<float>(), zeros.data(), K, D, true, 1, 8);
+    std::vector<BwdTotals> totals(nt, BwdTotals(K, P.ld));
+#if defined(MOEKERNELS_HAVE_AVX2_PATH)
+    if (use_avx2_float())
+      bwd_avx2(glr.data_ptr<float>(), glse.data_ptr<float>(), x.data_ptr<float>(), lr.data_ptr<float>(), B, D, K, P,
+               dx.data_ptr<float>(), totals);
+    else
+#endif
+      bwd_generic<float, float>(glr.data_ptr<float>(), glse.data_ptr<float>(), x.data_ptr<float>(),
+                                lr.data_ptr<float>(), B, D, K, P, dx.data_ptr<float>(), totals);
+    finish_bwd(P, totals, K, D, dmeans, dlog_var, dlogpi);
+  } else {
+    std::vector<double> zeros(K, 0.0);
+    Constants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(), zeros.data(), K, D, true, 1, 4);
+    std::vector<BwdTotals> totals(nt, BwdTotals(K, P.ld));
+    bwd_generic<double, double>(glr.data_ptr<double>(), glse.data_ptr<double>(), x.data_ptr<double>(),
+                                lr.data_ptr<double>(), B, D, K, P, dx.data_ptr<double>(), totals);
+    finish_bwd(P, totals, K, D, dmeans, dlog_var, dlogpi);
+  }
+  return {dx, dmeans, dlog_var, dlogpi};
+}
+
+}  // namespace
+}  // namespace moekernels
+
+TORCH_LIBRARY_IMPL(moekernels, CPU, m) {
+  m.impl("mog_posterior_fwd", &moekernels::mog_posterior_fwd_cpu);
+  m.impl("mog_posterior_bwd", &moekernels::mog_posterior_bwd_cpu);
+}
