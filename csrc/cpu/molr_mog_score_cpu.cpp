@@ -58,11 +58,12 @@ struct Consts {
   const T* v_p;    // (KL, dp) exp(log_var)
   const T* logpi;  // (KL)
   std::vector<T> inv_m, smu, bias;
+  mutable std::vector<T> scratch;  // (K) per-row scratch of the row kernels
   T s = std::numeric_limits<T>::quiet_NaN(), g = std::numeric_limits<T>::quiet_NaN();
 
   Consts(const Dims& dm_, const T* mu_p_, const T* v_p_, const T* logpi_)
       : dm(dm_), mu_p(mu_p_), v_p(v_p_), logpi(logpi_), inv_m(dm_.KL * dm_.dp, T(0)), smu(dm_.KL * dm_.dp, T(0)),
-        bias(dm_.KL) {}
+        bias(dm_.KL), scratch(dm_.K) {}
 
   bool stale(T s_, T g_) const { return !(s_ == s && g_ == g); }
 
@@ -199,6 +200,13 @@ MOLR_AVX2_INLINE float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// The 8 horizontal sums of v0..v7 as one vector [sum v0, ..., sum v7] (hadd tree + one 128-bit swap).
+MOLR_AVX2_INLINE __m256 hsum8x8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
 // First n (0..8) lanes set.
 MOLR_AVX2_INLINE __m256i tail_mask(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -330,19 +338,38 @@ struct Avx2Rows {
     const float xx = dm.identity ? 0.0f : sum_sq(x, dm.D);
     const float* smu = cs.smu.data();
     const float* im = cs.inv_m.data();
-    for (int64_t k = 0; k < dm.K; ++k) {
-      const float* zk = z + k * zs;
-      const float proj = dm.identity ? 0.0f : (sum_sq(zk, dm.d) - xx) * (0.5f * inv_g2);
-      for (int64_t l = 0; l < dm.L; ++l) {
-        const int64_t kl = k * dm.L + l, o = kl * dm.dp;
-        __m256 q = _mm256_setzero_ps();
+    float* proj = cs.scratch.data();  // (K) (||z_k||^2 - ||x||^2) / (2 gamma^2)
+    for (int64_t k = 0; k < dm.K; ++k)
+      proj[k] = dm.identity ? 0.0f : (sum_sq(z + k * zs, dm.d) - xx) * (0.5f * inv_g2);
+    // quad_kl = sum_i e^2 / m, eight components at a time (one transposing reduction instead of eight hsums)
+    const int64_t KL = dm.KL, L = dm.L;
+    int64_t kl = 0;
+    for (; kl + 8 <= KL; kl += 8) {
+      __m256 q[8];
+      for (int j = 0; j < 8; ++j) {
+        const float* zk = z + ((kl + j) / L) * zs;
+        const int64_t o = (kl + j) * dm.dp;
+        q[j] = _mm256_setzero_ps();
         for (int64_t c = 0; c < ch.n; ++c) {
           const __m256 e = _mm256_sub_ps(ch.load(zk, c), _mm256_loadu_ps(smu + o + 8 * c));
-          q = _mm256_fmadd_ps(_mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * c)), e, q);
+          q[j] = _mm256_fmadd_ps(_mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * c)), e, q[j]);
         }
-        w[kl] = cs.bias[kl] - 0.5f * hsum(q) + proj;
       }
+      _mm256_storeu_ps(w + kl, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), hsum8x8(q), _mm256_loadu_ps(cs.bias.data() + kl)));
     }
+    for (; kl < KL; ++kl) {
+      const float* zk = z + (kl / L) * zs;
+      const int64_t o = kl * dm.dp;
+      __m256 q = _mm256_setzero_ps();
+      for (int64_t c = 0; c < ch.n; ++c) {
+        const __m256 e = _mm256_sub_ps(ch.load(zk, c), _mm256_loadu_ps(smu + o + 8 * c));
+        q = _mm256_fmadd_ps(_mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * c)), e, q);
+      }
+      w[kl] = cs.bias[kl] - 0.5f * hsum(q);
+    }
+    if (!dm.identity)
+      for (int64_t k = 0; k < dm.K; ++k)
+        for (int64_t l = 0; l < L; ++l) w[k * L + l] += proj[k];
     // softmax in place
     const int64_t n = dm.KL, n8 = n & ~int64_t(7);
     float mx = -std::numeric_limits<float>::infinity();
@@ -420,15 +447,34 @@ struct Avx2Rows {
       __m256 acc_a = _mm256_setzero_ps();
       for (int64_t cc = 0; cc < ch.n; ++cc) acc_a = _mm256_fmadd_ps(ch.load(dck, cc), ch.load(zk, cc), acc_a);
       a[k] = dm.identity ? 0.0f : hsum(acc_a) * inv_g2;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t o = (k * L + l) * dm.dp;
-        __m256 acc = _mm256_setzero_ps();
+    }
+    // b_kl = g_w_kl - dc_k . e_kl / m_kl, eight components at a time
+    int64_t kl = 0;
+    for (; kl + 8 <= dm.KL; kl += 8) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) {
+        const int64_t k = (kl + j) / L, o = (kl + j) * dm.dp;
+        const float* zk = z + k * zs;
+        const float* dck = dc + k * zs;
+        acc[j] = _mm256_setzero_ps();
         for (int64_t cc = 0; cc < ch.n; ++cc) {
           const __m256 e = _mm256_sub_ps(ch.load(zk, cc), _mm256_loadu_ps(smu + o + 8 * cc));
-          acc = _mm256_fmadd_ps(ch.load(dck, cc), _mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * cc)), acc);
+          acc[j] = _mm256_fmadd_ps(ch.load(dck, cc), _mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * cc)), acc[j]);
         }
-        dw[k * L + l] = (gw ? gw[k * L + l] : 0.0f) - hsum(acc);
       }
+      const __m256 g8 = gw ? _mm256_loadu_ps(gw + kl) : _mm256_setzero_ps();
+      _mm256_storeu_ps(dw + kl, _mm256_sub_ps(g8, hsum8x8(acc)));
+    }
+    for (; kl < dm.KL; ++kl) {
+      const int64_t k = kl / L, o = kl * dm.dp;
+      const float* zk = z + k * zs;
+      const float* dck = dc + k * zs;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t cc = 0; cc < ch.n; ++cc) {
+        const __m256 e = _mm256_sub_ps(ch.load(zk, cc), _mm256_loadu_ps(smu + o + 8 * cc));
+        acc = _mm256_fmadd_ps(ch.load(dck, cc), _mm256_mul_ps(e, _mm256_loadu_ps(im + o + 8 * cc)), acc);
+      }
+      dw[kl] = (gw ? gw[kl] : 0.0f) - hsum(acc);
     }
     if (!dm.identity) expert_cs(z, w, dm, cs, c);
     row_dlogits_split<float>(w, a, dw, Wk, dm.K, L, dlse);  // dw -> dl
