@@ -20,6 +20,15 @@ TORCH_LIBRARY(moekernels, m) {
   // weights were returned and used. Recomputes z = A^T x and w per row (never stores B x K x L x d).
   m.def("molr_mog_score_bwd(Tensor G, Tensor g_lse, Tensor? g_w, Tensor x, Tensor s, Tensor gamma, Tensor? A, "
         "Tensor mu, Tensor log_var, Tensor logpi, Tensor lse) -> (Tensor, Tensor?, Tensor, Tensor, Tensor)");
+  // DESIGN.md 3.3. Ws[l] (E, in_l, out_l), bs[l] (E, out_l): the E experts' stacked layers; gWs[j] (in_j, out_j),
+  // gbs[j] (out_j,): the gate MLP (last out_j = E, or 1 = sigmoid gate when E == 2). Returns out (B, out),
+  // gate (B, E) and saved = the pre-activation of every layer: expert layers as (B, E, out_l), then gate layers as
+  // (B, out_j) (layout: moekernels/ops/gated_experts.py).
+  m.def("gated_experts_fwd(Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, Tensor[] gbs, int n_residual) "
+        "-> (Tensor, Tensor, Tensor[])");
+  // Gradients w.r.t. h and every expert/gate weight and bias, from the saved pre-activations and the gate.
+  m.def("gated_experts_bwd(Tensor g_out, Tensor g_gate, Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, "
+        "Tensor[] gbs, int n_residual, Tensor[] saved, Tensor gate) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 namespace {
