@@ -3,6 +3,7 @@
     moekernels demo [--skip-bench]   every backend of every op against its reference, then the benchmark tables
     moekernels info                  versions and which backends can run here (and why not)
     moekernels bench [OP ...]        run benches/bench_<op>.py (from a source checkout)
+    moekernels reproduce dualdiff    train and evaluate the DualDiff baselines/variants (see --help)
 """
 from __future__ import annotations
 
@@ -41,7 +42,69 @@ def _mog_case():
     return f"mog_posterior B={B} D={D} K={K} (+1e3 offset)", op.SPEC, inputs, run, ref
 
 
-CASES = {"mog_posterior": _mog_case}
+def _molr_case():
+    import importlib
+
+    import torch
+
+    op = importlib.import_module("moekernels.ops.molr_mog_score")
+    g = torch.Generator().manual_seed(0)
+    B, D, K, L, d = 1000, 96, 5, 3, 8
+    A = torch.linalg.qr(torch.randn(K, D, d, generator=g, dtype=torch.float64)).Q
+    mu = torch.randn(K, L, d, generator=g, dtype=torch.float64)
+    z = mu[torch.randint(0, K, (B,), generator=g), torch.randint(0, L, (B,), generator=g)]
+    x = torch.einsum("kDd,bd->bD", A, z)[:B] * 0.8 + 0.3 * torch.randn(B, D, generator=g, dtype=torch.float64)
+    inputs = [x, A, mu, torch.randn(K, L, d, generator=g, dtype=torch.float64) * 0.3,
+              torch.randn(K, L, generator=g, dtype=torch.float64)]
+    s, gamma = 0.8, 0.3
+
+    def run(ts, backend):
+        out = op.molr_mog_score(ts[0], s, gamma, *ts[1:], return_lse=True, backend=backend)
+        return out.score, out.lse
+
+    def ref(ts):
+        score, _, lse = op.molr_mog_score_ref(ts[0], s, gamma, *ts[1:])
+        return score, lse
+
+    return f"molr_mog_score B={B} D={D} K={K} L={L} d={d}", op.SPEC, inputs, run, ref
+
+
+def _gated_case():
+    import importlib
+
+    import torch
+
+    op = importlib.import_module("moekernels.ops.gated_experts")
+    g = torch.Generator().manual_seed(0)
+    B, n_in, hidden, out, E = 512, 48, 64, 2, 2
+
+    def lin(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) / shape[-2] ** 0.5
+
+    widths = [(n_in, hidden), (hidden, hidden), (hidden, hidden), (hidden, out)]
+    inputs = [torch.randn(B, n_in, generator=g, dtype=torch.float64)]
+    for i, o in widths:
+        inputs += [lin(E, i, o), 0.1 * torch.randn(E, o, generator=g, dtype=torch.float64)]
+    inputs += [lin(n_in, 32), torch.zeros(32, dtype=torch.float64), lin(32, 1), torch.zeros(1, dtype=torch.float64)]
+    n_layers = len(widths)
+
+    def split(ts):
+        ep = [(ts[1 + 2 * l], ts[2 + 2 * l]) for l in range(n_layers)]
+        rest = ts[1 + 2 * n_layers:]
+        return ts[0], ep, [(rest[0], rest[1]), (rest[2], rest[3])]
+
+    def run(ts, backend):
+        h, ep, gp = split(ts)
+        return tuple(op.gated_experts(h, ep, gp, n_residual=2, backend=backend))
+
+    def ref(ts):
+        h, ep, gp = split(ts)
+        return tuple(op.gated_experts_ref(h, ep, gp, n_residual=2))
+
+    return f"gated_experts B={B} in={n_in} hidden={hidden} E={E} (2 residual blocks)", op.SPEC, inputs, run, ref
+
+
+CASES = {"mog_posterior": _mog_case, "molr_mog_score": _molr_case, "gated_experts": _gated_case}
 
 
 def _check_op(name, make, device_for):
@@ -84,6 +147,8 @@ def _check_op(name, make, device_for):
 def demo(args) -> int:
     import torch
 
+    if not torch.cuda.is_available():  # run the Triton kernels in the interpreter (must precede their definition)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     from moekernels.info import report
 
     print(report())
@@ -134,7 +199,14 @@ def main(argv=None) -> None:
     p.add_argument("ops", nargs="*", help=f"ops to benchmark (default: all of {list(CASES)})")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p = sub.add_parser("reproduce", help="reproduce a paper's experiments (models/<method>/RESULTS.md)")
+    p.add_argument("method", choices=["dualdiff"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the method (e.g. --help)")
     args = parser.parse_args(argv)
+    if args.cmd == "reproduce":
+        from moekernels.methods import dualdiff
+
+        sys.exit(dualdiff.main(args.rest))
     if args.cmd == "info":
         from moekernels.info import main as info_main
 
