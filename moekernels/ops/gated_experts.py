@@ -253,6 +253,9 @@ def _check(h, expert_params, gate_params, n_residual):
                     raise ValueError(f"gated_experts: {nm} is on {t.device} but h is on {h.device}")
                 if t.dtype != h.dtype:
                     raise ValueError(f"gated_experts: {nm} has dtype {t.dtype} but h has dtype {h.dtype}")
+    if isinstance(n_residual, bool) or not isinstance(n_residual, int) or not 0 <= n_residual <= len(ep) - 1:
+        raise ValueError(f"gated_experts: n_residual must be an int in [0, {len(ep) - 1}] (layers after the first), "
+                         f"got {n_residual!r}")
     W0 = ep[0][0]
     if W0.dim() != 3 or W0.shape[0] < 1:
         raise ValueError(f"gated_experts: expert_params[0] W must be (E, in, out) with E >= 1, got shape {tuple(W0.shape)}")
@@ -264,14 +267,10 @@ def _check(h, expert_params, gate_params, n_residual):
                              f"got shape {tuple(W.shape)}" + (" (in must match h's width)" if l == 0 else ""))
         if tuple(b.shape) != (E, W.shape[2]):
             raise ValueError(f"gated_experts: expert_params[{l}] b must be (E, out)=({E}, {W.shape[2]}), got shape {tuple(b.shape)}")
+        if 1 <= l <= n_residual and W.shape[1] != W.shape[2]:
+            raise ValueError(f"gated_experts: expert_params[{l}] W is a residual layer (n_residual={n_residual}) and "
+                             f"must be square, got shape {tuple(W.shape)}")
         n_in = W.shape[2]
-    if isinstance(n_residual, bool) or not isinstance(n_residual, int) or not 0 <= n_residual <= len(ep) - 1:
-        raise ValueError(f"gated_experts: n_residual must be an int in [0, {len(ep) - 1}] (layers after the first), "
-                         f"got {n_residual!r}")
-    for l in range(1, n_residual + 1):
-        W = ep[l][0]
-        if W.shape[1] != W.shape[2]:
-            raise ValueError(f"gated_experts: expert_params[{l}] W is a residual layer and must be square, got {tuple(W.shape)}")
     n_in = h.shape[1]
     for j, (W, b) in enumerate(gp):
         if W.dim() != 2 or W.shape[0] != n_in or W.shape[1] < 1:
