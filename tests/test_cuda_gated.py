@@ -3,6 +3,8 @@ against the plain-PyTorch statement of the kernel contract (moekernels.ops.gated
 _kernel_backward) in float64, and the public op's autograd against gated_experts_ref.
 
 * GPU tests: skip cleanly without a CUDA device (and, for "cuda", without the compiled CUDA kernels).
+* Triton-interpreter tests (no GPU: TRITON_INTERPRET=1 from tests/conftest.py) of the same checks; they skip on a
+  GPU machine, where the GPU tests run the compiled Triton kernels.
 * Emulator tests (no GPU needed): the *actual* kernel source csrc/cuda/gated_experts_cuda.cu compiled for the CPU
   emulator of tests/cuda_emu (emu.h: threads as fibers, __syncthreads / warp shuffles honoured), driven by a
   Python mirror of the layer loop of gated_experts_bind.cpp. They skip without g++ or the CUDA headers.
@@ -178,6 +180,34 @@ def test_gpu_empty_batch(backend):
     dh, dWs, dbs, dgWs, dgbs = impl.backward(out.new_zeros(0, 2), gate.new_zeros(0, 2), h, Ws, bs, gWs, gbs, 1,
                                              saved, gate)
     assert dh.shape == (0, 5) and all((d == 0).all() for d in [*dWs, *dbs, *dgWs, *dgbs])
+
+
+# ------------------------------------------------------------------------------------------------ Triton on the CPU
+def _triton_interpreted():
+    pytest.importorskip("triton")
+    from moekernels.ops.triton import gated_experts as tri
+    from moekernels.ops.triton._common import is_interpreted
+
+    if not is_interpreted(tri._gated_linear_kernel):
+        pytest.skip("Triton kernels compiled for a GPU (TRITON_INTERPRET unset): the GPU tests cover them")
+    return tri
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:6])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_interpreter_vs_contract(shape, dtype):
+    """The Triton kernels under TRITON_INTERPRET=1 (tests/conftest.py sets it without a GPU)."""
+    check_impl(_triton_interpreted(), shape, dtype, "cpu", GPU_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_interpreter_half_forward(dtype):
+    tri = _triton_interpreted()
+    B, IN, hid, O, E, nres = 300, 48, 64, 2, 2, 3
+    h, Ws, bs, gWs, gbs = make(B, IN, hid, O, E, nres, (), (32,), True, dtype=dtype)
+    out, gate, saved = tri.forward(h, Ws, bs, gWs, gbs, nres)
+    ro, rg, _, _ = reference(h, Ws, bs, gWs, gbs, nres, *upstream(B, O, E))
+    assert rel(out, ro) < GPU_TOL[dtype] and rel(gate, rg) < GPU_TOL[dtype], (rel(out, ro), rel(gate, rg))
 
 
 # ------------------------------------------------------------------------------------------------ emulator
