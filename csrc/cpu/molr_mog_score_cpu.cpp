@@ -59,11 +59,14 @@ struct Consts {
   const T* logpi;  // (KL)
   std::vector<T> inv_m, smu, bias;
   mutable std::vector<T> scratch;  // (K) per-row scratch of the row kernels
+  std::vector<int64_t> zoff;       // (KL) offset of z_k in a row for component kl: (kl / L) * d, 0 for the identity
   T s = std::numeric_limits<T>::quiet_NaN(), g = std::numeric_limits<T>::quiet_NaN();
 
   Consts(const Dims& dm_, const T* mu_p_, const T* v_p_, const T* logpi_)
       : dm(dm_), mu_p(mu_p_), v_p(v_p_), logpi(logpi_), inv_m(dm_.KL * dm_.dp, T(0)), smu(dm_.KL * dm_.dp, T(0)),
-        bias(dm_.KL), scratch(dm_.K) {}
+        bias(dm_.KL), scratch(dm_.K), zoff(dm_.KL) {
+    for (int64_t kl = 0; kl < dm.KL; ++kl) zoff[kl] = dm.identity ? 0 : (kl / dm.L) * dm.d;
+  }
 
   bool stale(T s_, T g_) const { return !(s_ == s && g_ == g); }
 
@@ -347,7 +350,7 @@ struct Avx2Rows {
     for (; kl + 8 <= KL; kl += 8) {
       __m256 q[8];
       for (int j = 0; j < 8; ++j) {
-        const float* zk = z + ((kl + j) / L) * zs;
+        const float* zk = z + cs.zoff[kl + j];
         const int64_t o = (kl + j) * dm.dp;
         q[j] = _mm256_setzero_ps();
         for (int64_t c = 0; c < ch.n; ++c) {
@@ -358,7 +361,7 @@ struct Avx2Rows {
       _mm256_storeu_ps(w + kl, _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), hsum8x8(q), _mm256_loadu_ps(cs.bias.data() + kl)));
     }
     for (; kl < KL; ++kl) {
-      const float* zk = z + (kl / L) * zs;
+      const float* zk = z + cs.zoff[kl];
       const int64_t o = kl * dm.dp;
       __m256 q = _mm256_setzero_ps();
       for (int64_t c = 0; c < ch.n; ++c) {
@@ -453,9 +456,9 @@ struct Avx2Rows {
     for (; kl + 8 <= dm.KL; kl += 8) {
       __m256 acc[8];
       for (int j = 0; j < 8; ++j) {
-        const int64_t k = (kl + j) / L, o = (kl + j) * dm.dp;
-        const float* zk = z + k * zs;
-        const float* dck = dc + k * zs;
+        const int64_t o = (kl + j) * dm.dp;
+        const float* zk = z + cs.zoff[kl + j];
+        const float* dck = dc + cs.zoff[kl + j];
         acc[j] = _mm256_setzero_ps();
         for (int64_t cc = 0; cc < ch.n; ++cc) {
           const __m256 e = _mm256_sub_ps(ch.load(zk, cc), _mm256_loadu_ps(smu + o + 8 * cc));
@@ -466,9 +469,9 @@ struct Avx2Rows {
       _mm256_storeu_ps(dw + kl, _mm256_sub_ps(g8, hsum8x8(acc)));
     }
     for (; kl < dm.KL; ++kl) {
-      const int64_t k = kl / L, o = kl * dm.dp;
-      const float* zk = z + k * zs;
-      const float* dck = dc + k * zs;
+      const int64_t o = kl * dm.dp;
+      const float* zk = z + cs.zoff[kl];
+      const float* dck = dc + cs.zoff[kl];
       __m256 acc = _mm256_setzero_ps();
       for (int64_t cc = 0; cc < ch.n; ++cc) {
         const __m256 e = _mm256_sub_ps(ch.load(zk, cc), _mm256_loadu_ps(smu + o + 8 * cc));
