@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts ``benches/bench_<op>.py`` (reuse these; don't copy them).
 
 * :func:`add_common_args` -- the flags every bench accepts: ``--device cpu|cuda``, ``--quick``, ``--out DIR``,
-  ``--repeat N``, ``--warmup N``.
+  ``--repeat N``, ``--warmup N``, ``--threads N`` (then :func:`apply_threads`).
 * :func:`bench` -- times several callables *interleaved* (round-robin, one call of each per round) after a
   warm-up, so that load from other processes on a shared machine hits all of them alike; returns per-callable
   median / min / all times in milliseconds. CUDA work is synchronised around each call.
@@ -35,7 +35,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=RESULTS_DIR, help="directory of the JSON results (default: benches/results)")
     parser.add_argument("--repeat", type=int, default=None, help="timed rounds per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls of each callable before timing")
+    parser.add_argument("--threads", type=int, default=None, action=_ThreadsAction,
+                        help="torch.set_num_threads(N) for the run (applied when parsed; default: torch's default); "
+                             "the JSON name gets _t<N>")
     return parser
+
+
+_THREADS_FLAG: int | None = None  # an explicit --threads N, for write_results' file name
+
+
+class _ThreadsAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        global _THREADS_FLAG
+        setattr(namespace, self.dest, values)
+        _THREADS_FLAG = values
+        torch.set_num_threads(values)
+
+
+def apply_threads(args) -> None:
+    """Honours --threads (already applied by the parser; kept for scripts that build args otherwise)."""
+    global _THREADS_FLAG
+    if getattr(args, "threads", None):
+        _THREADS_FLAG = args.threads
+        torch.set_num_threads(args.threads)
 
 
 # ----------------------------------------------------------------------------------------------- devices
@@ -195,14 +217,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def write_results(out_dir: str, op: str, device: str, payload: dict) -> str:
-    """Writes ``<out_dir>/<op>_<device-tag>.json`` (``_quick`` appended for --quick runs when payload says so)."""
+    """Writes ``<out_dir>/<op>_<device-tag>.json``; ``_t<N>`` is appended after an explicit ``--threads N``
+    (or payload["threads"]) and ``_quick`` when payload["quick"] is true."""
     os.makedirs(out_dir, exist_ok=True)
     info = device_info(device)
     try:
         info["loadavg_1m_at_end"] = os.getloadavg()[0]
     except OSError:
         pass
-    suffix = "_quick" if payload.get("quick") else ""
+    threads = payload.get("threads") or _THREADS_FLAG
+    suffix = (f"_t{threads}" if threads else "") + ("_quick" if payload.get("quick") else "")
     path = os.path.join(out_dir, f"{op}_{info['tag']}{suffix}.json")
     doc = {"op": op, "date": datetime.datetime.now().isoformat(timespec="seconds"), "device_info": info, **payload}
     with open(path, "w") as f:

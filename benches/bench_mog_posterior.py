@@ -12,9 +12,10 @@ Variants (float32 unless --dtype):
            JSON has both
   cpu / cuda / triton   the public mog_posterior(..., backend=...) (fused kernels through MoGPosteriorFn)
   floor    diagonal: [x^2, x] @ W, the B x 2D x K product; isotropic: x @ W (B x D x K). Forward+backward adds
-           the two products of its backward (G @ W^T and [x^2, x]^T @ G).
+           the two products of its backward (G @ W^T and G^T @ [x^2, x]).
 forward: under torch.no_grad(). forward+backward: inputs require grad, backward from given (log_resp, lse)
-gradients. Times are medians over --repeat interleaved rounds (benches/_common.bench).
+gradients. Times are medians over --repeat interleaved rounds (benches/_common.bench; a callable faster than
+20 ms runs several times per sample). On a shared machine also run --threads 1 (less sensitive to other load).
 Writes <out>/mog_posterior_<device-tag>.json (``_quick`` appended with --quick) and prints a markdown table.
 """
 from __future__ import annotations
@@ -90,7 +91,7 @@ def floor_fns(x, means, iso, grads):
     def fwdbwd():
         A @ W
         G @ W.T
-        return A.T @ G
+        return G.T @ A  # dW^T: same FLOPs as A^T @ G, and the faster of the two in MKL for small K
     return fwd, fwdbwd
 
 
@@ -129,8 +130,8 @@ def run_shape(shape, args, device, dtype):
                         "max_abs_diff_lse_vs_eager": (o.lse.float() - e[1].float()).abs().max().item(),
                         "assign_agreement_vs_eager": (o.assign == e[2]).float().mean().item()}
 
-    res_f = C.bench(fwd, device=device, warmup=warmup, repeat=repeat)
-    res_fb = C.bench(fb, device=device, warmup=warmup, repeat=repeat)
+    res_f = C.bench(fwd, device=device, warmup=warmup, repeat=repeat, min_round_s=0.02)
+    res_fb = C.bench(fb, device=device, warmup=warmup, repeat=repeat, min_round_s=0.02)
 
     # the readable ref on a row subset (it materialises B x K x D several times)
     rows = max(1, min(B, REF_MAX_ELEMENTS // max(1, K * D)))
@@ -173,6 +174,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32")
     p.add_argument("--only", default=None, help="run only the shapes whose name contains this string")
     args = p.parse_args(argv)
+    C.apply_threads(args)
     device, dtype = args.device, getattr(torch, args.dtype)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     if args.only:
@@ -190,7 +192,7 @@ def main(argv=None):
             for b, why in r["skipped"].items():
                 print(f"  {r['shape']['name']}: {b} skipped: {'; '.join(why)}")
     path = C.write_results(args.out, "mog_posterior", device, {
-        "quick": args.quick, "dtype": args.dtype, "results": results,
+        "quick": args.quick, "threads": args.threads, "dtype": args.dtype, "results": results,
         "notes": "forward under no_grad; forward+backward from given gradients of (log_resp, lse); ref timed on "
                  "a row subset and scaled by B / rows_timed (median_ms_subset is the measured time)"})
     print(f"\nwrote {path}")
