@@ -200,6 +200,17 @@ def test_triton_interpreter_vs_contract(shape, dtype):
     check_impl(_triton_interpreted(), shape, dtype, "cpu", GPU_TOL[dtype])
 
 
+def test_triton_interpreter_no_gate_grad():
+    """g_gate=None (the gate output unused) equals a zero g_gate."""
+    tri = _triton_interpreted()
+    h, Ws, bs, gWs, gbs = make(21, 9, 16, 3, 3, 1, (), (5,), True)
+    out, gate, saved = tri.forward(h, Ws, bs, gWs, gbs, 1)
+    g_out = torch.randn_like(out)
+    a = flat(tri.backward(g_out, None, h, Ws, bs, gWs, gbs, 1, saved, gate))
+    b = flat(tri.backward(g_out, torch.zeros_like(gate), h, Ws, bs, gWs, gbs, 1, saved, gate))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_triton_interpreter_half_forward(dtype):
     tri = _triton_interpreted()

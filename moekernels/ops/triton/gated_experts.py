@@ -248,6 +248,8 @@ _INTERP_MAX_BK = 512
 # GPU (fixed per dtype kind; from the sm_90 ptxas reports of tools/triton_aot_check.py): (BM, BN, BK, warps, stages)
 # 4 warps spill with the epilogue tiles (mask, residual) live: 8 warps
 _GPU_LINEAR = {"fp32": (64, 64, 32, 8, 3), "half": (128, 64, 32, 8, 3), "fp64": (32, 32, 16, 4, 2)}
+# the masked (data-gradient) half config: 128 x 64 spills with the mask, U and residual tiles live
+_GPU_LINEAR_HALF_MASKED = (64, 64, 32, 8, 3)
 # head kernel: (BLOCK_B, BLOCK_K, warps)
 _GPU_HEAD = {"fp32": (64, 32, 8), "half": (64, 64, 4), "fp64": (32, 16, 4)}
 _GPU_MIX_BLOCK_B = 128
@@ -272,10 +274,11 @@ def _p2(n: int, lo: int = 16) -> int:
     return max(lo, next_pow2(n))
 
 
-def _linear_config(interpreted, dtype, M, N, K):
+def _linear_config(interpreted, dtype, M, N, K, masked=False):
     if interpreted:
         return (min(_p2(M), _INTERP_MAX_BM), min(_p2(N), _INTERP_MAX_BN), min(_p2(K), _INTERP_MAX_BK), 4, 1)
-    bm, bn, bk, w, s = _GPU_LINEAR[_kind(dtype)]
+    kind = _kind(dtype)
+    bm, bn, bk, w, s = _GPU_LINEAR_HALF_MASKED if (kind == "half" and masked) else _GPU_LINEAR[kind]
     return (bm, min(bn, _p2(N)), min(bk, _p2(K)), w, s)
 
 
@@ -296,7 +299,7 @@ def _linear(X, W, bias, Y, *, M, N, K, groups, sx, sw, sy, sbe=0, pre_relu=False
     """Launch ``_gated_linear_kernel``: sx = (sxe, sxm, sxk), sw = (swe, swk, swn), sy = (sye, sym) element
     strides (Y, mask and U share sy, unit column stride)."""
     interp = is_interpreted(_gated_linear_kernel)
-    bm, bn, bk, warps, stages = _linear_config(interp, Y.dtype, M, N, K)
+    bm, bn, bk, warps, stages = _linear_config(interp, Y.dtype, M, N, K, masked=mask is not None)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), 1 if group_sum else groups)
     _gated_linear_kernel[grid](
         X, W, bias if bias is not None else Y, mask if mask is not None else Y, Y, U if U is not None else Y,
@@ -450,7 +453,7 @@ _LINEAR_SCALARS = {n: "i32" for n in ("M", "N", "K", "G", "sxe", "sxm", "sxk", "
 
 
 def _linear_spec(dtype, M, N, K, **flags):
-    bm, bn, bk, warps, stages = _linear_config(False, dtype, M, N, K)
+    bm, bn, bk, warps, stages = _linear_config(False, dtype, M, N, K, masked=flags.get("HAS_MASK", False))
     cexp = {"PRE_RELU": False, "HAS_BIAS": False, "HAS_MASK": False, "STORE_U": False, "RESIDUAL": False,
             "ACCUM": False, "GROUP_SUM": False}
     cexp.update(flags)
