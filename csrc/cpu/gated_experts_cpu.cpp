@@ -6,7 +6,7 @@
 // one GEMM per expert on strided row blocks (lda = E*in_l, ldc = E*out_l), no copies. These are also the saved
 // pre-activations the backward uses.
 //
-// Forward: rows in blocks of kBlockRows, blocks in parallel (each GEMM single-threaded inside at::parallel_for),
+// Forward: rows in blocks of 256 (MOEKERNELS_GATED_BLOCK), blocks in parallel (each GEMM single-threaded inside at::parallel_for),
 // every layer of a block done while its activations are cache-resident: GEMM (beta = 0) into the saved
 // activation, then ONE pass over the block adding the bias (+ the residual input) and writing relu(.) into the
 // thread's input buffer of the next GEMM. The gate MLP runs first on the block; the mix out = sum_e gate_e y_e is
@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -207,11 +208,17 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
                   const T* W0cat, const std::vector<const T*>& gW, const std::vector<const T*>& gb,
                   const std::vector<T*>& a, const std::vector<T*>& z, T* out, T* gate) {
   const int64_t E = d.E, L = d.L, G = d.G;
-  const int64_t nb = block_rows();
+  const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
+  // at most block_rows() rows per block; smaller batches split evenly over the threads (at least 32 rows a block)
+  const int64_t nb = std::min(block_rows(), std::max<int64_t>(32, (d.B + nthreads - 1) / nthreads));
   const int64_t nblocks = (d.B + nb - 1) / nb;
-  at::parallel_for(0, nblocks, 1, [&](int64_t k0, int64_t k1) {
+  // Blocks handed out dynamically (an atomic counter): on a shared machine a thread that loses its core does not
+  // hold back the others. Every block is computed the same way whoever takes it (deterministic results).
+  std::atomic<int64_t> next{0};
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
+  at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
     std::vector<T> R(static_cast<size_t>(nb * d.maxw)), RG(static_cast<size_t>(nb * d.maxg));
-    for (int64_t blk = k0; blk < k1; ++blk) {
+    for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
       const int64_t r0 = blk * nb, nr = std::min(nb, d.B - r0);
       const T* hb = h + r0 * d.in;
       // ---- gate MLP on the block
