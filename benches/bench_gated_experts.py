@@ -8,8 +8,10 @@ products alone).
 Config (the DualDiff expert): in=384, hidden=256, 3 residual blocks, out=2, E=2 experts, sigmoid gate with one
 hidden layer of 128 (``--gate-hidden``). Two passes:
   sampling   forward under torch.no_grad() at B=10,000 (--quick: 2,000)
-  training   forward + backward at B=256 (--quick: 64): h requires grad in every variant (the fused op always
-             returns dh), loss = sum(out * G1) + sum(gate * G2) with fixed random G1, G2
+  training   forward + backward at B=256 (--quick: 64): h requires grad in every variant, backward from fixed
+             random gradients of (out, gate)
+  training-hfixed  the same with h NOT requiring grad (DualDiff: h is a fixed embedding of x_t): the modules and
+             the floor skip dh = G W0^T; the fused kernels' contract always computes dh (one GEMM of ~13)
 Variants (float32 unless --dtype):
   modules    the way a user writes DualDiff: two separate nn.Module experts (nn.Linear layers, residual blocks) and
              an nn.Module gate, out = g e1(h) + (1 - g) e2(h)  (the baseline "eager")
@@ -18,7 +20,7 @@ Variants (float32 unless --dtype):
   cpu / cuda / triton   gated_experts(..., backend=...) (the fused kernels through GatedExpertsFn)
   floor      the matrix products alone, on preallocated operands with out=: forward h @ W0cat (B x in x E*hidden),
              one bmm per later layer, the gate's GEMMs; training adds, per layer, dW = A^T G and dA = G W^T (dh
-             included: h requires grad)
+             only when h requires grad)
 Times are medians over --repeat interleaved rounds (benches/_common.bench). Writes
 <out>/gated_experts_<device-tag>.json (``_quick`` appended with --quick) and prints a markdown table.
 """
@@ -86,7 +88,7 @@ class UserDualDiff(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- floor
-def floor_fns(m: GatedExperts, h, g_out, g_gate):
+def floor_fns(m: GatedExperts, h, g_out, g_gate, with_dh: bool = True):
     """The matrix products any implementation must do, on preallocated operands (out= variants)."""
     E, B = m.n_experts, h.shape[0]
     dev, dt = h.device, h.dtype
@@ -119,7 +121,8 @@ def floor_fns(m: GatedExperts, h, g_out, g_gate):
     def fwdbwd():
         fwd()
         torch.mm(h.T, G0, out=dW0)
-        torch.mm(G0, W0cat.T, out=dh)
+        if with_dh:
+            torch.mm(G0, W0cat.T, out=dh)
         for a, W, g, dW, dA in zip(acts, Ws[1:], grads, dWs, dAs):
             torch.bmm(a.transpose(1, 2), g, out=dW)
             torch.bmm(g, W.transpose(1, 2), out=dA)
@@ -134,7 +137,7 @@ def fused_backends(device):
     return ["cpu"] if device == "cpu" else ["cuda", "triton"]
 
 
-def run_shape(name, B, args, device, dtype, train: bool):
+def run_shape(name, B, args, device, dtype, train: bool, h_grad: bool = True):
     torch.manual_seed(0)
     m = GatedExperts(args.in_dim, args.hidden, args.out_dim, n_experts=2, n_residual=args.n_residual,
                      gate_hidden=args.gate_hidden, device=device, dtype=dtype)
@@ -164,8 +167,8 @@ def run_shape(name, B, args, device, dtype, train: bool):
         else:
             variants.append(b)
     fns, check = {}, {}
-    hg = h.detach().clone().requires_grad_()
-    params = list(m.parameters()) + list(user.parameters())
+    hg = h.detach().clone().requires_grad_(h_grad)
+    params = list(m.parameters()) + list(user.parameters()) + [hg]
     with torch.no_grad():
         want = user(h)
     for v in variants:
@@ -174,7 +177,6 @@ def run_shape(name, B, args, device, dtype, train: bool):
             def run(f=f):
                 out, gate = f(hg)
                 torch.autograd.backward([out, gate], [g_out, g_gate])
-                hg.grad = None
                 for p in params:
                     p.grad = None
         else:
@@ -187,12 +189,13 @@ def run_shape(name, B, args, device, dtype, train: bool):
                 got = f(h)
             check[v] = {"max_abs_diff_out_vs_modules": (got[0] - want[0]).abs().max().item(),
                         "max_abs_diff_gate_vs_modules": (got[1] - want[1]).abs().max().item()}
-    fl_f, fl_fb = floor_fns(m, h, g_out, g_gate)
+    fl_f, fl_fb = floor_fns(m, h, g_out, g_gate, with_dh=h_grad)
     fns["floor"] = fl_fb if train else fl_f
     warmup = args.warmup if args.warmup is not None else 3
     repeat = args.repeat if args.repeat is not None else (5 if args.quick else 11)
     res = C.bench(fns, device=device, warmup=warmup, repeat=repeat, min_round_s=0.05 if train else 0.0)
-    return {"name": name, "B": B, "pass": "forward+backward" if train else "forward (no_grad)", "results": res,
+    return {"name": name, "B": B, "pass": "forward+backward" if train else "forward (no_grad)", "h_requires_grad": h_grad,
+            "results": res,
             "skipped": skipped, "check": check}
 
 
@@ -225,14 +228,16 @@ def main(argv=None):
     p.add_argument("--only", choices=("sampling", "training"), default=None)
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
-    shapes = [("sampling", 2000 if args.quick else 10000, False), ("training", 64 if args.quick else 256, True)]
+    Bt = 64 if args.quick else 256
+    shapes = [("sampling", 2000 if args.quick else 10000, False, True), ("training", Bt, True, True),
+              ("training-hfixed", Bt, True, False)]
     results = []
-    for name, B, train in shapes:
-        if args.only and args.only != name:
+    for name, B, train, h_grad in shapes:
+        if args.only and not name.startswith(args.only):
             continue
         label = f"{name} B={B}"
         print(f"[bench_gated_experts] {label} ({args.dtype}, {device})", flush=True)
-        results.append(run_shape(label, B, args, device, dtype, train))
+        results.append(run_shape(label, B, args, device, dtype, train, h_grad))
     print()
     print(f"gated_experts (DualDiff expert in={args.in_dim} hidden={args.hidden} res={args.n_residual} "
           f"out={args.out_dim} E=2 gate_hidden={args.gate_hidden}) on {C.device_name(device)} ({args.dtype}, torch "

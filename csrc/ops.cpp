@@ -29,6 +29,10 @@ TORCH_LIBRARY(moekernels, m) {
   // Gradients w.r.t. h and every expert/gate weight and bias, from the saved pre-activations and the gate.
   m.def("gated_experts_bwd(Tensor g_out, Tensor g_gate, Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, "
         "Tensor[] gbs, int n_residual, Tensor[] saved, Tensor gate) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[])");
+  // Inference only (no gradients): (out, gate) without writing the activations out. Optional per backend (the
+  // Python layer uses it under no_grad where a kernel is registered; CPU has one).
+  m.def("gated_experts_infer(Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, Tensor[] gbs, int n_residual) "
+        "-> (Tensor, Tensor)");
 }
 
 namespace {

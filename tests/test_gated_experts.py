@@ -348,3 +348,33 @@ def test_module_init_like_linear_and_sigmoid_default():
     assert not m3.sigmoid_gate and m3.gate_weights[-1].shape == (8, 3)
     with pytest.raises(ValueError, match="sigmoid_gate"):
         GatedExperts(8, 6, 2, n_experts=3, sigmoid_gate=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[3]])
+@pytest.mark.parametrize("B", [0, 1, 600])
+def test_no_grad_inference_path(backend, cfg, B):
+    """Under no_grad the compiled backends may take the inference kernel (no saved activations): same results.
+    B=600 spans several row blocks (block buffers reused across blocks and calls)."""
+    E, nres, head, gh, sig = cfg
+    dev = _device(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    h, ep, gp = make(B, 11, 10, 3, E, nres, head, gh, sig, dtype=dtype, device=dev)
+    backend_or_skip(SPEC, backend, {"h": h})
+    want = gated_experts_ref(h.double().cpu(), [(W.double().cpu(), b.double().cpu()) for W, b in ep],
+                             [(W.double().cpu(), b.double().cpu()) for W, b in gp], n_residual=nres)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for _ in range(2):
+        with torch.no_grad():
+            got = gated_experts(h, ep, gp, n_residual=nres, backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double().cpu(), b, rtol=0, atol=tol)
+
+
+def test_infer_fake_kernel_matches():
+    h, ep, gp = make(9, 6, 4, 2, 3, 1, (5,), (3,), dtype=torch.float32)
+    if dispatch.not_supported_reasons(SPEC, "cpu", {"h": h}) or not ge_module._has_kernel("gated_experts_infer", "CPU"):
+        pytest.skip("compiled cpu inference kernel unavailable")
+    args = (h, [W for W, _ in ep], [b for _, b in ep], [W for W, _ in gp], [b for _, b in gp], 1)
+    torch.library.opcheck(torch.ops.moekernels.gated_experts_infer.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

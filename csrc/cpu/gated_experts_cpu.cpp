@@ -11,6 +11,8 @@
 // activation, then ONE pass over the block adding the bias (+ the residual input) and writing relu(.) into the
 // thread's input buffer of the next GEMM. The gate MLP runs first on the block; the mix out = sum_e gate_e y_e is
 // fused into the last layer's epilogue.
+// Inference (gated_experts_infer, used under no_grad): the same, but the activations live only in per-thread
+// block buffers (ping-pong), never written out -- no B x E x hidden traffic to memory.
 //
 // Backward: whole-batch GEMMs (the BLAS threads them), elementwise passes parallel over row chunks:
 //   head pass:   dgate_e = g_gate_e + g_out . y_e ; G = gate_e g_out ; gate logits' gradient (softmax/sigmoid)
@@ -30,6 +32,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -122,6 +125,23 @@ inline void relu_copy(const T* __restrict src, T* __restrict dst, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = src[k] > T(0) ? src[k] : T(0);
 }
 
+// Scratch memory reused across calls (per thread, grow-only) up to kCacheElems elements a buffer: no page faults
+// or zero-fill per call; bigger buffers are allocated per call (uninitialised).
+constexpr size_t kCacheElems = size_t(1) << 22;
+
+template <typename T>
+struct Scratch {
+  std::unique_ptr<T[]> own;
+  T* get(std::vector<T>& cache, size_t n) {
+    if (n <= kCacheElems) {
+      if (cache.size() < n) cache.resize(n);
+      return cache.data();
+    }
+    own.reset(new T[n]);
+    return own.get();
+  }
+};
+
 // Gate weights of one row from its logits (nz = E for softmax, or 1 with E == 2 for the sigmoid gate).
 template <typename T>
 inline void gate_row(const T* z, int64_t nz, int64_t E, T* g) {
@@ -208,6 +228,7 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
                   const T* W0cat, const std::vector<const T*>& gW, const std::vector<const T*>& gb,
                   const std::vector<T*>& a, const std::vector<T*>& z, T* out, T* gate) {
   const int64_t E = d.E, L = d.L, G = d.G;
+  const bool keep = !a.empty();  // training: write every pre-activation into saved; inference: block scratch only
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
   // at most block_rows() rows per block; smaller batches split evenly over the threads (at least 32 rows a block)
   const int64_t nb = std::min(block_rows(), std::max<int64_t>(32, (d.B + nthreads - 1) / nthreads));
@@ -217,7 +238,14 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
   std::atomic<int64_t> next{0};
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, nblocks));
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
-    std::vector<T> R(static_cast<size_t>(nb * d.maxw)), RG(static_cast<size_t>(nb * d.maxg));
+    static thread_local std::vector<T> c_R, c_RG, c_S0, c_S1, c_Z;
+    Scratch<T> s_R, s_RG, s_S0, s_S1, s_Z;
+    T* R = s_R.get(c_R, static_cast<size_t>(nb * d.maxw));
+    T* RG = s_RG.get(c_RG, static_cast<size_t>(nb * d.maxg));
+    // inference (no saved activations): ping-pong block buffers for the layers, one for the gate's layers
+    T* S[2] = {keep ? nullptr : s_S0.get(c_S0, static_cast<size_t>(nb * d.maxw)),
+               keep ? nullptr : s_S1.get(c_S1, static_cast<size_t>(nb * d.maxw))};
+    T* Zs = keep ? nullptr : s_Z.get(c_Z, static_cast<size_t>(nb * d.maxg));
     for (int64_t blk = next.fetch_add(1); blk < nblocks; blk = next.fetch_add(1)) {
       const int64_t r0 = blk * nb, nr = std::min(nb, d.B - r0);
       const T* hb = h + r0 * d.in;
@@ -226,13 +254,13 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
       int64_t gld = d.in;
       for (int64_t j = 0; j < G; ++j) {
         const int64_t no = d.go[j];
-        T* Z = z[j] + r0 * no;
+        T* Z = keep ? z[j] + r0 * no : Zs;
         gemm<T>(false, false, nr, no, d.gi[j], gin, gld, gW[j], no, T(0), Z, no);
         const T* bj = gb[j];
         const bool next = j + 1 < G;
         for (int64_t r = 0; r < nr; ++r) {
           T* zr = Z + r * no;
-          T* rr = RG.data() + r * no;
+          T* rr = RG + r * no;
           for (int64_t k = 0; k < no; ++k) {
             const T v = zr[k] + bj[k];
             zr[k] = v;
@@ -240,21 +268,21 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
           }
           if (!next) gate_row<T>(zr, no, E, gate + (r0 + r) * E);
         }
-        gin = RG.data();
+        gin = RG;
         gld = no;
       }
       // ---- experts
       for (int64_t l = 0; l < L; ++l) {
         const int64_t ni = d.li[l], no = d.lo[l], wo = E * no, wi = E * ni;
-        T* C = a[l] + r0 * wo;
+        T* C = keep ? a[l] + r0 * wo : S[l & 1];
         if (l == 0) {
           gemm<T>(false, false, nr, wo, d.in, hb, d.in, W0cat, wo, T(0), C, wo);
         } else {
           for (int64_t e = 0; e < E; ++e)
-            gemm<T>(false, false, nr, no, ni, R.data() + e * ni, wi, W[l] + e * ni * no, no, T(0), C + e * no, wo);
+            gemm<T>(false, false, nr, no, ni, R + e * ni, wi, W[l] + e * ni * no, no, T(0), C + e * no, wo);
         }
         const T* bl = b[l];
-        const T* P = (l >= 1 && l <= d.nres) ? a[l - 1] + r0 * wi : nullptr;  // residual input (wi == wo)
+        const T* P = (l >= 1 && l <= d.nres) ? (keep ? a[l - 1] + r0 * wi : S[(l - 1) & 1]) : nullptr;  // residual in
         const bool last = l == L - 1;
         for (int64_t r = 0; r < nr; ++r) {
           T* cr = C + r * wo;
@@ -265,7 +293,7 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
             for (int64_t k = 0; k < wo; ++k) cr[k] += bl[k];
           }
           if (!last) {
-            relu_copy(cr, R.data() + r * wo, wo);
+            relu_copy(cr, R + r * wo, wo);
           } else {  // the mix: out = sum_e gate_e y_e
             const T* g = gate + (r0 + r) * E;
             T* o = out + (r0 + r) * no;
@@ -282,9 +310,9 @@ void forward_impl(const Dims& d, const T* h, const std::vector<const T*>& W, con
   });
 }
 
-std::tuple<Tensor, Tensor, std::vector<Tensor>> gated_experts_fwd_cpu(const Tensor& h_, TensorList Ws_, TensorList bs_,
-                                                                      TensorList gWs_, TensorList gbs_,
-                                                                      int64_t n_residual) {
+std::tuple<Tensor, Tensor, std::vector<Tensor>> fwd_common(const Tensor& h_, TensorList Ws_, TensorList bs_,
+                                                           TensorList gWs_, TensorList gbs_, int64_t n_residual,
+                                                           bool keep) {
   TORCH_CHECK(h_.device().is_cpu(), "gated_experts_fwd (cpu): h must be a CPU tensor");
   TORCH_CHECK(h_.scalar_type() == at::kFloat || h_.scalar_type() == at::kDouble,
               "gated_experts_fwd (cpu): float32 or float64 only, got ", h_.scalar_type());
@@ -293,8 +321,10 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> gated_experts_fwd_cpu(const Tens
   auto Ws = contig(Ws_), bs = contig(bs_), gWs = contig(gWs_), gbs = contig(gbs_);
   auto opt = h.options();
   std::vector<Tensor> saved;
-  for (int64_t l = 0; l < d.L; ++l) saved.push_back(at::empty({d.B, d.E, d.lo[l]}, opt));
-  for (int64_t j = 0; j < d.G; ++j) saved.push_back(at::empty({d.B, d.go[j]}, opt));
+  if (keep) {
+    for (int64_t l = 0; l < d.L; ++l) saved.push_back(at::empty({d.B, d.E, d.lo[l]}, opt));
+    for (int64_t j = 0; j < d.G; ++j) saved.push_back(at::empty({d.B, d.go[j]}, opt));
+  }
   Tensor out = at::empty({d.B, d.out}, opt), gate = at::empty({d.B, d.E}, opt);
   if (d.B == 0) return {out, gate, saved};
   Tensor W0cat = Ws[0].permute({1, 0, 2}).reshape({d.in, d.E * d.lo[0]}).contiguous();
@@ -304,17 +334,30 @@ std::tuple<Tensor, Tensor, std::vector<Tensor>> gated_experts_fwd_cpu(const Tens
     for (int64_t l = 0; l < d.L; ++l) {
       W.push_back(Ws[l].data_ptr<scalar_t>());
       b.push_back(bs[l].data_ptr<scalar_t>());
-      a.push_back(saved[l].data_ptr<scalar_t>());
+      if (keep) a.push_back(saved[l].data_ptr<scalar_t>());
     }
     for (int64_t j = 0; j < d.G; ++j) {
       gW.push_back(gWs[j].data_ptr<scalar_t>());
       gb.push_back(gbs[j].data_ptr<scalar_t>());
-      z.push_back(saved[d.L + j].data_ptr<scalar_t>());
+      if (keep) z.push_back(saved[d.L + j].data_ptr<scalar_t>());
     }
     forward_impl<scalar_t>(d, h.data_ptr<scalar_t>(), W, b, W0cat.data_ptr<scalar_t>(), gW, gb, a, z,
                            out.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>());
   });
   return {out, gate, saved};
+}
+
+std::tuple<Tensor, Tensor, std::vector<Tensor>> gated_experts_fwd_cpu(const Tensor& h, TensorList Ws, TensorList bs,
+                                                                      TensorList gWs, TensorList gbs,
+                                                                      int64_t n_residual) {
+  return fwd_common(h, Ws, bs, gWs, gbs, n_residual, true);
+}
+
+// Inference (no gradients): the same forward without writing the activations out (block scratch only).
+std::tuple<Tensor, Tensor> gated_experts_infer_cpu(const Tensor& h, TensorList Ws, TensorList bs, TensorList gWs,
+                                                   TensorList gbs, int64_t n_residual) {
+  auto r = fwd_common(h, Ws, bs, gWs, gbs, n_residual, false);
+  return {std::get<0>(r), std::get<1>(r)};
 }
 
 // ------------------------------------------------------------------------------------------------ backward
@@ -336,12 +379,14 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   const int64_t B = d.B, E = d.E, L = d.L, G = d.G;
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 15) / 16));
   // buffers: two expert-gradient buffers (B x maxw), relu'd inputs (B x maxw), gate gradients (2 x B x maxg)
-  std::vector<T> Gb(static_cast<size_t>(B * d.maxw)), Db(static_cast<size_t>(B * d.maxw)),
-      Rb(static_cast<size_t>(B * std::max(d.maxw, d.maxg)));
-  std::vector<T> DZ(static_cast<size_t>(B * d.maxg)), DZ2(static_cast<size_t>(B * d.maxg));
+  static thread_local std::vector<T> c_G, c_D, c_R, c_DZ, c_DZ2;
+  Scratch<T> s_G, s_D, s_R, s_DZ, s_DZ2;
+  T* Gp = s_G.get(c_G, static_cast<size_t>(B * d.maxw));
+  T* Dp = s_D.get(c_D, static_cast<size_t>(B * d.maxw));
+  T* Rbuf = s_R.get(c_R, static_cast<size_t>(B * std::max(d.maxw, d.maxg)));
+  T* DZbuf = s_DZ.get(c_DZ, static_cast<size_t>(B * d.maxg));
+  T* DZ2buf = s_DZ2.get(c_DZ2, static_cast<size_t>(B * d.maxg));
   std::vector<T> part;
-  T* Gp = Gb.data();
-  T* Dp = Db.data();
 
   // ---- head: dgate, G_{L-1} = gate_e g_out (+ db_{L-1}), gate logits' gradient (+ dgb_{G-1})
   {
@@ -370,7 +415,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
           }
           dg[e] = s;
         }
-        T* dz = DZ.data() + r * nz;
+        T* dz = DZbuf + r * nz;
         if (nz == 1 && E == 2) {
           dz[0] = (dg[0] - dg[1]) * g[0] * g[1];
         } else {
@@ -388,14 +433,14 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   }
 
   // ---- gate MLP backward
-  T* dzp = DZ.data();
-  T* dz2 = DZ2.data();
+  T* dzp = DZbuf;
+  T* dz2 = DZ2buf;
   for (int64_t j = G - 1; j >= 0; --j) {
     const int64_t ni = d.gi[j], no = d.go[j];
     const T* inp = h;
     if (j > 0) {
       const T* zp = z[j - 1];
-      T* R = Rb.data();
+      T* R = Rbuf;
       for_chunks(B, nchunks, [&](int64_t, int64_t r0, int64_t r1) { relu_copy(zp + r0 * ni, R + r0 * ni, (r1 - r0) * ni); });
       inp = R;
     }
@@ -427,7 +472,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   for (int64_t l = L - 1; l >= 1; --l) {
     const int64_t ni = d.li[l], no = d.lo[l], wi = E * ni, wo = E * no;
     const T* A = a[l - 1];
-    T* R = Rb.data();
+    T* R = Rbuf;
     for_chunks(B, nchunks, [&](int64_t, int64_t r0, int64_t r1) { relu_copy(A + r0 * wi, R + r0 * wi, (r1 - r0) * wi); });
     for (int64_t e = 0; e < E; ++e) {
       gemm<T>(true, false, ni, no, B, R + e * ni, wi, Gp + e * no, wo, T(0), dW[l] + e * ni * no, no);  // R_e^T G_e
@@ -530,4 +575,5 @@ gated_experts_bwd_cpu(const Tensor& g_out_, const Tensor& g_gate_, const Tensor&
 TORCH_LIBRARY_IMPL(moekernels, CPU, m) {
   m.impl("gated_experts_fwd", &moekernels::gated::gated_experts_fwd_cpu);
   m.impl("gated_experts_bwd", &moekernels::gated::gated_experts_bwd_cpu);
+  m.impl("gated_experts_infer", &moekernels::gated::gated_experts_infer_cpu);
 }

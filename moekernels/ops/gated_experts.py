@@ -23,7 +23,9 @@ statement of it, used by the tests and readable as the spec):
     backward(g_out (B,out), g_gate (B,E), h, Ws, bs, gWs, gbs, n_residual, saved, gate)
             -> (dh (B,in), dWs, dbs, dgWs, dgbs)   (lists shaped like Ws, bs, gWs, gbs)
 All tensors contiguous, same dtype and device; accumulate in float32 (float64 for float64 inputs).
-Compiled op names: torch.ops.moekernels.gated_experts_fwd / gated_experts_bwd (schemas in csrc/ops.cpp).
+Compiled op names: torch.ops.moekernels.gated_experts_fwd / gated_experts_bwd (schemas in csrc/ops.cpp), and the
+optional gated_experts_infer(h, Ws, bs, gWs, gbs, n_residual) -> (out, gate): the forward without saved activations,
+used when no gradient is needed and the device has a kernel for it (the CPU does).
 """
 from __future__ import annotations
 
@@ -342,7 +344,14 @@ def gated_experts(h, expert_params, gate_params, *, n_residual: int, backend: st
     else:
         params = [W.contiguous() for W, _ in ep] + [b.contiguous() for _, b in ep] + \
                  [W.contiguous() for W, _ in gp] + [b.contiguous() for _, b in gp]
-        out, gate = GatedExpertsFn.apply(h.contiguous(), n_residual, len(ep), which, *params)
+        needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
+        L, G = len(ep), len(gp)
+        if not needs_grad and which in ("cpu", "cuda") and _has_kernel("gated_experts_infer", which.upper()):
+            # inference: no activations written out (optional kernel; the CPU has one)
+            out, gate = torch.ops.moekernels.gated_experts_infer(
+                h.contiguous(), params[:L], params[L:2 * L], params[2 * L:2 * L + G], params[2 * L + G:], n_residual)
+        else:
+            out, gate = GatedExpertsFn.apply(h.contiguous(), n_residual, L, which, *params)
     return GatedExpertsOutput(out, gate)
 
 
@@ -353,6 +362,10 @@ if _extension.available():  # fake (meta) kernels so torch.compile can trace thr
             B, E = h.shape[0], Ws[0].shape[0]
             saved = [h.new_empty(B, E, W.shape[2]) for W in Ws] + [h.new_empty(B, W.shape[1]) for W in gWs]
             return h.new_empty(B, Ws[-1].shape[2]), h.new_empty(B, E), saved
+
+        @torch.library.register_fake("moekernels::gated_experts_infer")
+        def _infer_fake(h, Ws, bs, gWs, gbs, n_residual):
+            return h.new_empty(h.shape[0], Ws[-1].shape[2]), h.new_empty(h.shape[0], Ws[0].shape[0])
 
         @torch.library.register_fake("moekernels::gated_experts_bwd")
         def _bwd_fake(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate):
