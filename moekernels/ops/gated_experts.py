@@ -363,13 +363,15 @@ if _extension.available():  # fake (meta) kernels so torch.compile can trace thr
             saved = [h.new_empty(B, E, W.shape[2]) for W in Ws] + [h.new_empty(B, W.shape[1]) for W in gWs]
             return h.new_empty(B, Ws[-1].shape[2]), h.new_empty(B, E), saved
 
-        @torch.library.register_fake("moekernels::gated_experts_infer")
-        def _infer_fake(h, Ws, bs, gWs, gbs, n_residual):
-            return h.new_empty(h.shape[0], Ws[-1].shape[2]), h.new_empty(h.shape[0], Ws[0].shape[0])
-
         @torch.library.register_fake("moekernels::gated_experts_bwd")
         def _bwd_fake(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate):
             return (torch.empty_like(h), [torch.empty_like(W) for W in Ws], [torch.empty_like(b) for b in bs],
                     [torch.empty_like(W) for W in gWs], [torch.empty_like(b) for b in gbs])
     except RuntimeError:  # an extension built before these schemas existed: the backends report it
+        pass
+    try:
+        @torch.library.register_fake("moekernels::gated_experts_infer")
+        def _infer_fake(h, Ws, bs, gWs, gbs, n_residual):
+            return h.new_empty(h.shape[0], Ws[-1].shape[2]), h.new_empty(h.shape[0], Ws[0].shape[0])
+    except RuntimeError:  # optional op, absent from older builds
         pass
