@@ -247,6 +247,23 @@ def test_single_layer_expert_and_extreme_gate():
         torch.testing.assert_close(gate, rg, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", ["eager", "cpu", "python"])
+def test_gradcheck_single_layer_expert(backend):
+    h, ep, gp = make(5, 4, 3, 2, 3, 0, (), (3,))
+    ep = ep[:1]  # L = 1: out = sum_e gate_e (h W0_e + b0_e)
+    if backend != "python":
+        backend_or_skip(SPEC, backend, {"h": h})
+    inputs = (h.clone().requires_grad_(), *[t.clone().requires_grad_() for t in flat(ep, gp)])
+
+    def f(h, *ts):
+        if backend == "python":
+            return GatedExpertsFn.apply(h, 0, 1, "python", *ts)
+        e, g = unflat(ts, 1)
+        return tuple(gated_experts(h, e, g, n_residual=0, backend=backend))
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------------------------- errors
 def test_bad_inputs_name_the_argument():
     h, ep, gp = make(5, 6, 4, 2, 2, 2, (), (3,))

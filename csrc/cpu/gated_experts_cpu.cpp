@@ -16,7 +16,8 @@
 //
 // Backward: whole-batch GEMMs (the BLAS threads them), elementwise passes parallel over row chunks:
 //   head pass:   dgate_e = g_gate_e + g_out . y_e ; G = gate_e g_out ; gate logits' gradient (softmax/sigmoid)
-//   per layer l: R = relu(a_{l-1}); dW_l = R^T G ; D = G W_l^T ; G <- (residual ? G : 0) + D * [R > 0]
+//   per layer l: dW_l = R^T G ; D = G W_l^T ; G <- (residual ? G : 0) + D * [R > 0]  with R = relu(a_{l-1})
+//                made by the previous pass (the head pass, or layer l+1's epilogue) while it streams the rows
 //   layer 0:     dW_0 = h^T G ; dh = dZ_0 gW_0^T + G W0cat^T (one GEMM over all experts: K = E*out0)
 // Bias gradients (column sums) are accumulated in the epilogue that produces each G, per row chunk, and reduced
 // in a fixed order (deterministic for a given thread count).
@@ -379,11 +380,15 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   const int64_t B = d.B, E = d.E, L = d.L, G = d.G;
   const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 15) / 16));
   // buffers: two expert-gradient buffers (B x maxw), relu'd inputs (B x maxw), gate gradients (2 x B x maxg)
-  static thread_local std::vector<T> c_G, c_D, c_R, c_DZ, c_DZ2;
-  Scratch<T> s_G, s_D, s_R, s_DZ, s_DZ2;
+  static thread_local std::vector<T> c_G, c_D, c_R, c_R2, c_DZ, c_DZ2;
+  Scratch<T> s_G, s_D, s_R, s_R2, s_DZ, s_DZ2;
   T* Gp = s_G.get(c_G, static_cast<size_t>(B * d.maxw));
   T* Dp = s_D.get(c_D, static_cast<size_t>(B * d.maxw));
-  T* Rbuf = s_R.get(c_R, static_cast<size_t>(B * std::max(d.maxw, d.maxg)));
+  T* Rbuf = s_R.get(c_R, static_cast<size_t>(B * std::max(d.maxw, d.maxg)));  // gate: relu(z_{j-1})
+  // experts: relu(a_{l-1}), the input of layer l, ping-pong: made in the pass before it is needed (the head pass
+  // makes relu(a_{L-2}); the epilogue of layer l makes relu(a_{l-2}) for layer l-1)
+  T* Rcur = s_R2.get(c_R2, static_cast<size_t>(B * d.maxw));
+  T* Rnext = L >= 3 ? Rbuf : nullptr;  // Rbuf is free again once the gate is done (the gate runs first)
   T* DZbuf = s_DZ.get(c_DZ, static_cast<size_t>(B * d.maxg));
   T* DZ2buf = s_DZ2.get(c_DZ2, static_cast<size_t>(B * d.maxg));
   std::vector<T> part;
@@ -397,6 +402,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
       T* pz = pb + wo;
       std::vector<T> dg(static_cast<size_t>(E));
       for (int64_t r = r0; r < r1; ++r) {
+        if (L >= 2) relu_copy(a[L - 2] + r * E * d.li[L - 1], Rcur + r * E * d.li[L - 1], E * d.li[L - 1]);
         const T* go = g_out + r * no;
         const T* y = a[L - 1] + r * wo;
         const T* g = gate + r * E;
@@ -471,9 +477,10 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   // ---- experts, last layer down to layer 1
   for (int64_t l = L - 1; l >= 1; --l) {
     const int64_t ni = d.li[l], no = d.lo[l], wi = E * ni, wo = E * no;
-    const T* A = a[l - 1];
-    T* R = Rbuf;
-    for_chunks(B, nchunks, [&](int64_t, int64_t r0, int64_t r1) { relu_copy(A + r0 * wi, R + r0 * wi, (r1 - r0) * wi); });
+    const T* R = Rcur;  // relu(a_{l-1})
+    const bool make_next = l >= 2;  // relu(a_{l-2}) for layer l-1, in the same pass
+    const int64_t wn = make_next ? E * d.li[l - 1] : 0;
+    const T* An = make_next ? a[l - 2] : nullptr;
     for (int64_t e = 0; e < E; ++e) {
       gemm<T>(true, false, ni, no, B, R + e * ni, wi, Gp + e * no, wo, T(0), dW[l] + e * ni * no, no);  // R_e^T G_e
       gemm<T>(false, true, B, ni, no, Gp + e * no, wo, W[l] + e * ni * no, no, T(0), Dp + e * ni, wi);  // G_e W_e^T
@@ -483,6 +490,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
     for_chunks(B, nchunks, [&](int64_t c, int64_t r0, int64_t r1) {
       T* p = part.data() + c * wi;
       for (int64_t r = r0; r < r1; ++r) {
+        if (make_next) relu_copy(An + r * wn, Rnext + r * wn, wn);
         T* q = Dp + r * wi;
         const T* rr = R + r * wi;
         if (res) {
@@ -503,6 +511,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
     });
     reduce_partials(part, nchunks, wi, db[l - 1]);
     std::swap(Gp, Dp);
+    if (make_next) std::swap(Rcur, Rnext);
   }
 
   // ---- layer 0: dW_0[e] = h^T G_e ; dh += G W0cat^T
