@@ -378,7 +378,13 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
                    const std::vector<const T*>& z, const T* gate, T* dh, const std::vector<T*>& dW,
                    const std::vector<T*>& db, const std::vector<T*>& dgW, const std::vector<T*>& dgb) {
   const int64_t B = d.B, E = d.E, L = d.L, G = d.G;
-  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + 15) / 16));
+  // rows per elementwise chunk at least MOEKERNELS_GATED_CHUNK_ROWS (default 16; a tuning knob)
+  static const int64_t min_rows = [] {
+    const char* s = std::getenv("MOEKERNELS_GATED_CHUNK_ROWS");
+    int64_t v = s ? std::atoll(s) : 0;
+    return v > 0 ? v : int64_t(16);
+  }();
+  const int64_t nchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (B + min_rows - 1) / min_rows));
   // buffers: two expert-gradient buffers (B x maxw), relu'd inputs (B x maxw), gate gradients (2 x B x maxg)
   static thread_local std::vector<T> c_G, c_D, c_R, c_R2, c_DZ, c_DZ2;
   Scratch<T> s_G, s_D, s_R, s_R2, s_DZ, s_DZ2;
