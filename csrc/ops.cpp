@@ -33,6 +33,9 @@ TORCH_LIBRARY(moekernels, m) {
   // Python layer uses it under no_grad where a kernel is registered; CPU has one).
   m.def("gated_experts_infer(Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, Tensor[] gbs, int n_residual) "
         "-> (Tensor, Tensor)");
+  // Optional too: gated_experts_bwd without dh (h does not require grad): (dWs, dbs, dgWs, dgbs).
+  m.def("gated_experts_bwd_params(Tensor g_out, Tensor g_gate, Tensor h, Tensor[] Ws, Tensor[] bs, Tensor[] gWs, "
+        "Tensor[] gbs, int n_residual, Tensor[] saved, Tensor gate) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
 }
 
 namespace {

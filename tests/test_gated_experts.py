@@ -395,3 +395,31 @@ def test_infer_fake_kernel_matches():
     args = (h, [W for W, _ in ep], [b for _, b in ep], [W for W, _ in gp], [b for _, b in gp], 1)
     torch.library.opcheck(torch.ops.moekernels.gated_experts_infer.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cfg", [CONFIGS[0], CONFIGS[2]])
+def test_param_grads_when_h_needs_no_grad(backend, cfg):
+    """h without requires_grad (a fixed embedding): the backends may skip dh (optional kernel); the parameters'
+    gradients are unchanged."""
+    E, nres, head, gh, sig = cfg
+    dev = _device(backend)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    h, ep, gp = make(50, 11, 10, 3, E, nres, head, gh, sig, dtype=dtype, device=dev)
+    backend_or_skip(SPEC, backend, {"h": h})
+    L = len(ep)
+    w = torch.randn(50, 3, dtype=dtype, device=dev)
+
+    def grads(h_grad):
+        hh = h.clone().requires_grad_(h_grad)
+        ts = [t.clone().requires_grad_() for t in flat(ep, gp)]
+        e, g = unflat(ts, L)
+        out, gate = gated_experts(hh, e, g, n_residual=nres, backend=backend)
+        ((out * w).sum() + gate[:, 0].sum()).backward()
+        return [t.grad for t in ts], hh.grad
+
+    with_h, dh = grads(True)
+    without_h, dh_none = grads(False)
+    assert dh is not None and dh_none is None
+    for a, b in zip(with_h, without_h):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)

@@ -18,7 +18,8 @@
 //   head pass:   dgate_e = g_gate_e + g_out . y_e ; G = gate_e g_out ; gate logits' gradient (softmax/sigmoid)
 //   per layer l: dW_l = R^T G ; D = G W_l^T ; G <- (residual ? G : 0) + D * [R > 0]  with R = relu(a_{l-1})
 //                made by the previous pass (the head pass, or layer l+1's epilogue) while it streams the rows
-//   layer 0:     dW_0 = h^T G ; dh = dZ_0 gW_0^T + G W0cat^T (one GEMM over all experts: K = E*out0)
+//   layer 0:     dW_0 = h^T G ; dh = dZ_0 gW_0^T + G W0cat^T (one GEMM over all experts: K = E*out0), skipped by
+//                gated_experts_bwd_params (h does not require grad)
 // Bias gradients (column sums) are accumulated in the epilogue that produces each G, per row chunk, and reduced
 // in a fixed order (deterministic for a given thread count).
 //
@@ -458,7 +459,7 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
     }
     gemm<T>(true, false, ni, no, B, inp, ni, dzp, no, T(0), dgW[j], no);  // dgW_j = inp^T dZ_j
     if (j == 0) {
-      gemm<T>(false, true, B, ni, no, dzp, no, gW[0], no, T(0), dh, ni);  // dh = dZ_0 gW_0^T
+      if (dh != nullptr) gemm<T>(false, true, B, ni, no, dzp, no, gW[0], no, T(0), dh, ni);  // dh = dZ_0 gW_0^T
     } else {
       gemm<T>(false, true, B, ni, no, dzp, no, gW[j], no, T(0), dz2, ni);  // dZ_{j-1} = (dZ_j gW_j^T) [z > 0]
       const T* zp = z[j - 1];
@@ -524,13 +525,13 @@ void backward_impl(const Dims& d, const T* g_out, const T* g_gate, const T* h, c
   {
     const int64_t no = d.lo[0], wo = E * no;
     for (int64_t e = 0; e < E; ++e) gemm<T>(true, false, d.in, no, B, h, d.in, Gp + e * no, wo, T(0), dW[0] + e * d.in * no, no);
-    gemm<T>(false, true, B, d.in, wo, Gp, wo, W0cat, wo, T(1), dh, d.in);
+    if (dh != nullptr) gemm<T>(false, true, B, d.in, wo, Gp, wo, W0cat, wo, T(1), dh, d.in);
   }
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-gated_experts_bwd_cpu(const Tensor& g_out_, const Tensor& g_gate_, const Tensor& h_, TensorList Ws_, TensorList bs_,
-                      TensorList gWs_, TensorList gbs_, int64_t n_residual, TensorList saved_, const Tensor& gate_) {
+bwd_common(const Tensor& g_out_, const Tensor& g_gate_, const Tensor& h_, TensorList Ws_, TensorList bs_,
+           TensorList gWs_, TensorList gbs_, int64_t n_residual, TensorList saved_, const Tensor& gate_, bool need_dh) {
   TORCH_CHECK(h_.device().is_cpu(), "gated_experts_bwd (cpu): h must be a CPU tensor");
   TORCH_CHECK(h_.scalar_type() == at::kFloat || h_.scalar_type() == at::kDouble,
               "gated_experts_bwd (cpu): float32 or float64 only, got ", h_.scalar_type());
@@ -545,7 +546,7 @@ gated_experts_bwd_cpu(const Tensor& g_out_, const Tensor& g_gate_, const Tensor&
   Tensor h = h_.contiguous(), g_out = g_out_.contiguous().to(h.scalar_type()),
          g_gate = g_gate_.contiguous().to(h.scalar_type()), gate = gate_.contiguous();
   auto Ws = contig(Ws_), bs = contig(bs_), gWs = contig(gWs_), gbs = contig(gbs_), saved = contig(saved_);
-  Tensor dh = at::empty_like(h);
+  Tensor dh = need_dh ? at::empty_like(h) : at::empty({0}, h.options());
   std::vector<Tensor> dWs, dbs, dgWs, dgbs;
   for (int64_t l = 0; l < d.L; ++l) {
     dWs.push_back(at::empty_like(Ws[l]));
@@ -560,7 +561,7 @@ gated_experts_bwd_cpu(const Tensor& g_out_, const Tensor& g_gate_, const Tensor&
       for (auto& t : *v) t.zero_();
     return {dh, dWs, dbs, dgWs, dgbs};
   }
-  Tensor W0cat = Ws[0].permute({1, 0, 2}).reshape({d.in, d.E * d.lo[0]}).contiguous();
+  Tensor W0cat = need_dh ? Ws[0].permute({1, 0, 2}).reshape({d.in, d.E * d.lo[0]}).contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "gated_experts_bwd_cpu", [&] {
     using T = scalar_t;
     std::vector<const T*> W, gW, a, z;
@@ -577,10 +578,25 @@ gated_experts_bwd_cpu(const Tensor& g_out_, const Tensor& g_gate_, const Tensor&
       dgW.push_back(dgWs[j].data_ptr<T>());
       dgb.push_back(dgbs[j].data_ptr<T>());
     }
-    backward_impl<T>(d, g_out.data_ptr<T>(), g_gate.data_ptr<T>(), h.data_ptr<T>(), W, W0cat.data_ptr<T>(), gW, a,
-                     z, gate.data_ptr<T>(), dh.data_ptr<T>(), dW, db, dgW, dgb);
+    backward_impl<T>(d, g_out.data_ptr<T>(), g_gate.data_ptr<T>(), h.data_ptr<T>(), W,
+                     need_dh ? W0cat.data_ptr<T>() : nullptr, gW, a, z, gate.data_ptr<T>(),
+                     need_dh ? dh.data_ptr<T>() : nullptr, dW, db, dgW, dgb);
   });
   return {dh, dWs, dbs, dgWs, dgbs};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+gated_experts_bwd_cpu(const Tensor& g_out, const Tensor& g_gate, const Tensor& h, TensorList Ws, TensorList bs,
+                      TensorList gWs, TensorList gbs, int64_t n_residual, TensorList saved, const Tensor& gate) {
+  return bwd_common(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate, true);
+}
+
+// The parameters' gradients only (h does not require grad, e.g. a fixed embedding): skips the two dh GEMMs.
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+gated_experts_bwd_params_cpu(const Tensor& g_out, const Tensor& g_gate, const Tensor& h, TensorList Ws, TensorList bs,
+                             TensorList gWs, TensorList gbs, int64_t n_residual, TensorList saved, const Tensor& gate) {
+  auto r = bwd_common(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate, false);
+  return {std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r)};
 }
 
 }  // namespace
@@ -591,4 +607,5 @@ TORCH_LIBRARY_IMPL(moekernels, CPU, m) {
   m.impl("gated_experts_fwd", &moekernels::gated::gated_experts_fwd_cpu);
   m.impl("gated_experts_bwd", &moekernels::gated::gated_experts_bwd_cpu);
   m.impl("gated_experts_infer", &moekernels::gated::gated_experts_infer_cpu);
+  m.impl("gated_experts_bwd_params", &moekernels::gated::gated_experts_bwd_params_cpu);
 }

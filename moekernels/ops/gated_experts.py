@@ -25,7 +25,8 @@ statement of it, used by the tests and readable as the spec):
 All tensors contiguous, same dtype and device; accumulate in float32 (float64 for float64 inputs).
 Compiled op names: torch.ops.moekernels.gated_experts_fwd / gated_experts_bwd (schemas in csrc/ops.cpp), and the
 optional gated_experts_infer(h, Ws, bs, gWs, gbs, n_residual) -> (out, gate): the forward without saved activations,
-used when no gradient is needed and the device has a kernel for it (the CPU does).
+used when no gradient is needed and the device has a kernel for it (the CPU does); and the optional
+gated_experts_bwd_params(same arguments as backward) -> (dWs, dbs, dgWs, dgbs), used when h needs no gradient.
 """
 from __future__ import annotations
 
@@ -220,7 +221,15 @@ class GatedExpertsFn(torch.autograd.Function):
         g_out = torch.zeros(h.shape[0], Ws[-1].shape[2], dtype=h.dtype, device=h.device) if g_out is None \
             else g_out.contiguous()
         g_gate = torch.zeros_like(gate) if g_gate is None else g_gate.contiguous()
-        dh, dWs, dbs, dgWs, dgbs = _impl(backend).backward(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate)
+        if not ctx.needs_input_grad[0] and backend in ("cpu", "cuda") and \
+                _has_kernel("gated_experts_bwd_params", backend.upper()):
+            # h needs no gradient (e.g. a fixed embedding): the optional kernel that skips dh's two GEMMs
+            dh = None
+            dWs, dbs, dgWs, dgbs = torch.ops.moekernels.gated_experts_bwd_params(
+                g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate)
+        else:
+            dh, dWs, dbs, dgWs, dgbs = _impl(backend).backward(
+                g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate)
         return (dh, None, None, None, *dWs, *dbs, *dgWs, *dgbs)
 
 
@@ -368,6 +377,13 @@ if _extension.available():  # fake (meta) kernels so torch.compile can trace thr
             return (torch.empty_like(h), [torch.empty_like(W) for W in Ws], [torch.empty_like(b) for b in bs],
                     [torch.empty_like(W) for W in gWs], [torch.empty_like(b) for b in gbs])
     except RuntimeError:  # an extension built before these schemas existed: the backends report it
+        pass
+    try:
+        @torch.library.register_fake("moekernels::gated_experts_bwd_params")
+        def _bwd_params_fake(g_out, g_gate, h, Ws, bs, gWs, gbs, n_residual, saved, gate):
+            return ([torch.empty_like(W) for W in Ws], [torch.empty_like(b) for b in bs],
+                    [torch.empty_like(W) for W in gWs], [torch.empty_like(b) for b in gbs])
+    except RuntimeError:  # optional op, absent from older builds
         pass
     try:
         @torch.library.register_fake("moekernels::gated_experts_infer")
