@@ -1,17 +1,20 @@
 // CPU kernels of mog_posterior (DESIGN.md 3.2): torch.ops.moekernels.mog_posterior_fwd / _bwd on CPU tensors.
 //
-// Both passes use the scaled-difference form of csrc/include/mog_posterior.h on data centred on the mean of the
-// means (so float32 stays accurate far from the origin):
-//     u_ikj = xc_ij s_kj - cc_kj s_kj,   s = exp(-log_var / 2),  xc = x - centre,  cc = c - centre
-//     l_ik  = bias_k - 1/2 sum_j u_ikj^2
-// forward : one fused pass per tile of rows: u^2 accumulated in registers (2 FMAs per element, like the GEMM
-//           it replaces), then the row epilogue (max, exp-sum, log, argmax) writes log_resp / lse / assign.
+// Everything works on data centred on the mean of the means, xc = x - centre, cc = c - centre, so float32 stays
+// accurate far from the origin (x - centre is exact near the centre).
+// forward : the scaled-difference form of csrc/include/mog_posterior.h,
+//               u_ikj = xc_ij s_kj - cc_kj s_kj,  s = exp(-log_var / 2),   l_ik = bias_k - 1/2 sum_j u_ikj^2,
+//           one fused pass per register tile of 4 rows x 16 components (2 FMAs per element, like the GEMM it
+//           replaces; the sum over j is blocked), then the epilogue of the 4 rows (max, exp-sum, log, argmax)
+//           writes log_resp / lse / assign.
 // backward: g_ik = dL/dl_ik from (grad_log_resp, grad_lse, log_resp) (row_grad_logits), then one fused pass
-//           over the same u_ikj:
-//     dx_ij       = -sum_k g_ik u_ikj s_kj
-//     dmeans_kj   =  s_kj sum_i g_ik u_ikj
-//     dlog_var_kj =  1/2 (sum_i g_ik u_ikj^2 - sum_i g_ik)
-//     dlogpi_k    =  sum_i g_ik
+//           over e_ikj = xc_ij - cc_kj (the exact difference) with iv = exp(-log_var):
+//               dx_ij       = -sum_k g_ik e_ikj iv_kj
+//               dmeans_kj   =  iv_kj sum_i g_ik e_ikj
+//               dlog_var_kj =  1/2 (iv_kj sum_i g_ik e_ikj^2 - sum_i g_ik)
+//               dlogpi_k    =  sum_i g_ik
+//           (per element: 1 sub, 1 mul, 2 FMAs, 1 add; the row sums are kept per thread in one interleaved
+//           [j-chunk][k][M | V] buffer).
 //
 // Paths: float32 with AVX2+FMA (intrinsics, chosen at run time with cpu::has_avx2_fma()), and a portable path
 // (plain loops the compiler vectorises) for float32 and float64. MOEKERNELS_CPU_GENERIC=1 in the environment
@@ -37,9 +40,10 @@ namespace moekernels {
 namespace {
 
 constexpr int64_t kRows = 4;          // rows per register tile
-constexpr int64_t kJBlock = 8;        // forward: sum over j blocked in kJBlock terms,
-constexpr int64_t kJSuper = 64;       //          then in super-blocks of kJSuper terms (see fwd_tile)
-constexpr int64_t kFlushRows = 256;   // backward: rows summed in Acc before adding into the float64 totals
+constexpr int64_t kPrefetchRows = 4;  // forward: prefetch x this many rows ahead
+constexpr int64_t kJBlock = 16;       // forward: sum over j blocked in kJBlock terms,
+constexpr int64_t kJSuper = 128;      //          then in super-blocks of kJSuper terms (see fwd_tile)
+constexpr int64_t kFlushRows = 128;   // backward: rows summed in Acc before adding into the float64 totals
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -57,28 +61,30 @@ bool use_avx2_float() {
 }
 
 // ------------------------------------------------------------------------------------------ constants
-// centre (D), and per component s = exp(-lv/2), cs = (c - centre) s, bias, computed in float64 by the shared
-// component_constants() and rounded to Acc. Layout: kj_major = false -> S[j * ldk + k] (8 consecutive k
-// contiguous, forward); kj_major = true -> S[k * ldj + j] (8 consecutive j contiguous, backward). Padding is 0.
+// The centre (mean of the means) rounded to T, so that x - centre (done in Acc) is exact for x near it.
 template <typename T, typename Acc>
-struct Constants {
-  std::vector<Acc> centre, S, CS, bias;
-  int64_t ld = 0;
+std::vector<Acc> centre_of(const T* means, int64_t K, int64_t D) {
+  std::vector<double> cen(D, 0.0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t j = 0; j < D; ++j) cen[j] += static_cast<double>(means[k * D + j]);
+  std::vector<Acc> out(D);
+  for (int64_t j = 0; j < D; ++j) out[j] = static_cast<Acc>(static_cast<T>(cen[j] / static_cast<double>(K)));
+  return out;
+}
 
-  Constants(const T* means, const T* log_var, const T* logpi, int64_t K, int64_t D, bool kj_major, int64_t pad_k,
-            int64_t pad_j) {
-    std::vector<double> cen(D, 0.0);
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < D; ++j) cen[j] += static_cast<double>(means[k * D + j]);
-    centre.resize(D);
-    for (int64_t j = 0; j < D; ++j) {
-      // the centre is a T value, so x - centre (done in Acc) is exact for x near it
-      centre[j] = static_cast<Acc>(static_cast<T>(cen[j] / static_cast<double>(K)));
-    }
-    const int64_t Kp = round_up(K, pad_k), Dp = round_up(D, pad_j);
-    ld = kj_major ? Dp : Kp;
-    S.assign(static_cast<size_t>(Kp * Dp), Acc(0));
-    CS.assign(static_cast<size_t>(Kp * Dp), Acc(0));
+// Forward: s = exp(-lv/2), cs = (c - centre) s laid out S[j * Kp + k] (8 consecutive k contiguous; K padded to
+// Kp with s = cs = 0) and bias (Kp), computed in float64 by the shared component_constants(), rounded to Acc.
+template <typename T, typename Acc>
+struct FwdConstants {
+  std::vector<Acc> centre, S, CS, bias;
+  int64_t ld = 0;  // Kp
+
+  FwdConstants(const T* means, const T* log_var, const T* logpi, int64_t K, int64_t D, int64_t pad_k)
+      : centre(centre_of<T, Acc>(means, K, D)) {
+    const int64_t Kp = round_up(K, pad_k);
+    ld = Kp;
+    S.assign(static_cast<size_t>(Kp * D), Acc(0));
+    CS.assign(static_cast<size_t>(Kp * D), Acc(0));
     bias.assign(static_cast<size_t>(Kp), Acc(0));
     std::vector<double> mc(D), lv(D), s(D), cs(D);
     for (int64_t k = 0; k < K; ++k) {
@@ -91,11 +97,30 @@ struct Constants {
                                                cs.data(), &b);
       bias[k] = static_cast<Acc>(b);
       for (int64_t j = 0; j < D; ++j) {
-        const int64_t idx = kj_major ? k * Dp + j : j * Kp + k;
-        S[idx] = static_cast<Acc>(s[j]);
-        CS[idx] = static_cast<Acc>(cs[j]);
+        S[j * Kp + k] = static_cast<Acc>(s[j]);
+        CS[j * Kp + k] = static_cast<Acc>(cs[j]);
       }
     }
+  }
+};
+
+// Backward: iv = exp(-lv) and cc = c - centre laid out IV[k * Dp + j] (8 consecutive j contiguous; D padded to
+// Dp = round_up(D, 8) with iv = cc = 0).
+template <typename T, typename Acc>
+struct BwdConstants {
+  std::vector<Acc> centre, IV, CC;
+  int64_t ld = 0;  // Dp
+
+  BwdConstants(const T* means, const T* log_var, int64_t K, int64_t D) : centre(centre_of<T, Acc>(means, K, D)) {
+    const int64_t Dp = round_up(D, 8);
+    ld = Dp;
+    IV.assign(static_cast<size_t>(K * Dp), Acc(0));
+    CC.assign(static_cast<size_t>(K * Dp), Acc(0));
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < D; ++j) {
+        IV[k * Dp + j] = static_cast<Acc>(std::exp(-static_cast<double>(log_var[k * D + j])));
+        CC[k * Dp + j] = static_cast<Acc>(static_cast<double>(means[k * D + j]) - static_cast<double>(centre[j]));
+      }
   }
 };
 
@@ -113,7 +138,7 @@ void parallel_rows(int64_t n, int64_t grain, F&& f) {
 
 // ================================================================================== portable path
 template <typename T, typename Acc>
-void fwd_generic(const T* x, int64_t B, int64_t D, int64_t K, const Constants<T, Acc>& P, T* log_resp, T* lse,
+void fwd_generic(const T* x, int64_t B, int64_t D, int64_t K, const FwdConstants<T, Acc>& P, T* log_resp, T* lse,
                  int64_t* assign) {
   const int64_t Kp = P.ld;
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
@@ -159,57 +184,67 @@ void fwd_generic(const T* x, int64_t B, int64_t D, int64_t K, const Constants<T,
   });
 }
 
-// Per-thread sums of the backward: M = sum_i g u, V = sum_i g u^2 (K x Dp), G = sum_i g (K).
+// Sums over rows of the backward, per thread: M = sum_i g e, V = sum_i g e^2, G = sum_i g. M and V live in one
+// interleaved layout MV[((j / 8) * K + k) * 16 + (j % 8)] = M_kj, [... + 8] = V_kj (one cache line per (k, 8 j):
+// no aliasing between separate M and V arrays): running Acc sums, added every kFlushRows rows into the float64
+// totals of the same layout. G is accumulated in float64 directly.
 struct BwdTotals {
-  std::vector<double> M, V, G;
-  BwdTotals(int64_t K, int64_t Dp) : M(K * Dp, 0.0), V(K * Dp, 0.0), G(K, 0.0) {}
+  std::vector<double> MV, G;
+  BwdTotals(int64_t K, int64_t Dp) : MV(K * Dp * 2, 0.0), G(K, 0.0) {}
+  double M(int64_t K, int64_t k, int64_t j) const { return MV[((j / 8) * K + k) * 16 + j % 8]; }
+  double V(int64_t K, int64_t k, int64_t j) const { return MV[((j / 8) * K + k) * 16 + 8 + j % 8]; }
 };
 
 template <typename Acc>
-void flush(std::vector<Acc>& M, std::vector<Acc>& V, std::vector<Acc>& G, BwdTotals& tot) {
-  for (size_t t = 0; t < M.size(); ++t) tot.M[t] += static_cast<double>(M[t]);
-  for (size_t t = 0; t < V.size(); ++t) tot.V[t] += static_cast<double>(V[t]);
-  for (size_t t = 0; t < G.size(); ++t) tot.G[t] += static_cast<double>(G[t]);
-  std::fill(M.begin(), M.end(), Acc(0));
-  std::fill(V.begin(), V.end(), Acc(0));
-  std::fill(G.begin(), G.end(), Acc(0));
+inline void flush_loop(Acc* __restrict mv, double* __restrict tot, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    tot[t] += static_cast<double>(mv[t]);
+    mv[t] = Acc(0);
+  }
+}
+
+template <typename Acc>
+void flush(std::vector<Acc>& MV, BwdTotals& tot) {
+  flush_loop(MV.data(), tot.MV.data(), static_cast<int64_t>(MV.size()));
 }
 
 template <typename T, typename Acc>
 void bwd_generic(const T* glr, const T* glse, const T* x, const T* lr, int64_t B, int64_t D, int64_t K,
-                 const Constants<T, Acc>& P, T* dx, std::vector<BwdTotals>& totals) {
+                 const BwdConstants<T, Acc>& P, T* dx, std::vector<BwdTotals>& totals) {
   const int64_t Dp = P.ld;
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / std::max<int64_t>(1, K * D));
   parallel_rows(B, grain, [&](int64_t c, int64_t i0, int64_t i1) {
     BwdTotals& tot = totals[c];
-    std::vector<Acc> M(K * Dp, Acc(0)), V(K * Dp, Acc(0)), G(K, Acc(0)), xc(Dp, Acc(0)), dxr(Dp), g(K);
+    std::vector<Acc> MV(K * Dp * 2, Acc(0)), xc(Dp, Acc(0)), dxr(Dp), g(K);
     int64_t since_flush = 0;
     for (int64_t i = i0; i < i1; ++i) {
-      for (int64_t j = 0; j < D; ++j) xc[j] = static_cast<Acc>(x[i * D + j]) - P.centre[j];
+      for (int64_t j = 0; j < D; ++j) xc[j] = static_cast<Acc>(x[i * D + j]) - P.centre[j];  // pads stay 0
       mog::row_grad_logits<T, Acc>(glr + i * K, static_cast<Acc>(glse[i]), lr + i * K, K, g.data());
       std::fill(dxr.begin(), dxr.end(), Acc(0));
       for (int64_t k = 0; k < K; ++k) {
         const Acc gk = g[k];
-        G[k] += gk;
-        const Acc* s = P.S.data() + k * Dp;
-        const Acc* cs = P.CS.data() + k * Dp;
-        Acc* m = M.data() + k * Dp;
-        Acc* v = V.data() + k * Dp;
-        for (int64_t j = 0; j < Dp; ++j) {
-          const Acc u = xc[j] * s[j] - cs[j];
-          const Acc gu = gk * u;
-          dxr[j] += gu * s[j];
-          m[j] += gu;
-          v[j] += gu * u;
+        tot.G[k] += static_cast<double>(gk);
+        const Acc* iv = P.IV.data() + k * Dp;
+        const Acc* cc = P.CC.data() + k * Dp;
+        for (int64_t c8 = 0; c8 < Dp; c8 += 8) {
+          Acc* mv = MV.data() + ((c8 / 8) * K + k) * 16;
+          for (int64_t l = 0; l < 8; ++l) {
+            const int64_t j = c8 + l;
+            const Acc e = xc[j] - cc[j];
+            const Acc ge = gk * e;
+            dxr[j] += ge * iv[j];
+            mv[l] += ge;
+            mv[8 + l] += ge * e;
+          }
         }
       }
       for (int64_t j = 0; j < D; ++j) dx[i * D + j] = static_cast<T>(-dxr[j]);
       if (++since_flush == kFlushRows) {
-        flush(M, V, G, tot);
+        flush(MV, tot);
         since_flush = 0;
       }
     }
-    flush(M, V, G, tot);
+    flush(MV, tot);
   });
 }
 
@@ -223,10 +258,37 @@ MOEK_AVX2_INLINE void prefetch_floats(const float* p, int64_t n) {
   for (int64_t o = 0; o < n; o += 16) _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
 }
 
-// acc[r * Kp + 8v ...] = sum_j (xc_rj s_jk - cs_jk)^2 for the kRows rows of xc (kRows x D) and the 8V
-// components starting at S / CS (already offset by the tile's first component). Three-level blocked summation:
-// kJBlock terms in registers, kJSuper / kJBlock blocks in `mid`, then the super-blocks in acc: the rounding error
-// grows like (kJBlock + kJSuper / kJBlock + D / kJSuper) eps instead of D eps (D = 784: 28 vs 784).
+// a[r][v] += sum_{j0 <= j < j0 + nj} (xc_rj s_jk - cs_jk)^2 for the kRows rows of xc (kRows x D) and the 8V
+// components starting at S / CS. NJ > 0: a compile-time block length (fully unrolled); NJ == 0: nj at run time.
+template <int V, int NJ>
+MOEK_AVX2_INLINE void fwd_block(const float* xc, int64_t D, const float* S, const float* CS, int64_t Kp, int64_t j0,
+                                int64_t nj, __m256 (&a)[kRows][V]) {
+  const int64_t n = NJ > 0 ? NJ : nj;
+#pragma GCC unroll 16
+  for (int64_t jj = 0; jj < n; ++jj) {
+    const int64_t j = j0 + jj;
+    __m256 s[V], cs[V];
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      s[v] = _mm256_loadu_ps(S + j * Kp + 8 * v);
+      cs[v] = _mm256_loadu_ps(CS + j * Kp + 8 * v);
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      const __m256 xb = _mm256_broadcast_ss(xc + r * D + j);
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) {
+        const __m256 d = _mm256_fmsub_ps(xb, s[v], cs[v]);
+        a[r][v] = _mm256_fmadd_ps(d, d, a[r][v]);
+      }
+    }
+  }
+}
+
+// acc[r * Kp + 8v ...] = sum_j (xc_rj s_jk - cs_jk)^2 for the kRows rows of xc and the 8V components starting at
+// S / CS (already offset by the tile's first component). Three-level blocked summation: kJBlock terms in
+// registers (a fully unrolled block), kJSuper / kJBlock blocks in `mid`, then the super-blocks in acc; the
+// rounding error grows like (kJBlock + kJSuper / kJBlock + D / kJSuper) eps instead of D eps.
 template <int V>
 MOEK_AVX2_INLINE void fwd_tile(const float* xc, int64_t D, const float* S, const float* CS, int64_t Kp, float* acc) {
   alignas(32) float mid[kRows * 8 * V];
@@ -235,29 +297,15 @@ MOEK_AVX2_INLINE void fwd_tile(const float* xc, int64_t D, const float* S, const
   for (int64_t J0 = 0; J0 < D; J0 += kJSuper) {
     const int64_t J1 = std::min<int64_t>(D, J0 + kJSuper);
     for (int64_t j0 = J0; j0 < J1; j0 += kJBlock) {
-      const int64_t j1 = std::min<int64_t>(J1, j0 + kJBlock);
       __m256 a[kRows][V];
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
         for (int v = 0; v < V; ++v) a[r][v] = _mm256_setzero_ps();
-      for (int64_t j = j0; j < j1; ++j) {
-        __m256 s[V], cs[V];
-#pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) {
-          s[v] = _mm256_loadu_ps(S + j * Kp + 8 * v);
-          cs[v] = _mm256_loadu_ps(CS + j * Kp + 8 * v);
-        }
-#pragma GCC unroll 4
-        for (int r = 0; r < kRows; ++r) {
-          const __m256 xb = _mm256_broadcast_ss(xc + r * D + j);
-#pragma GCC unroll 2
-          for (int v = 0; v < V; ++v) {
-            const __m256 d = _mm256_fmsub_ps(xb, s[v], cs[v]);
-            a[r][v] = _mm256_fmadd_ps(d, d, a[r][v]);
-          }
-        }
-      }
+      if (j0 + kJBlock <= J1)
+        fwd_block<V, kJBlock>(xc, D, S, CS, Kp, j0, kJBlock, a);
+      else
+        fwd_block<V, 0>(xc, D, S, CS, Kp, j0, J1 - j0, a);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 2
@@ -274,49 +322,79 @@ MOEK_AVX2_INLINE void fwd_tile(const float* xc, int64_t D, const float* S, const
   }
 }
 
-// Row epilogue: l = bias - acc/2 (in place, Kp lanes), log-softmax over the first K, argmax (first maximum).
-MOEK_AVX2_INLINE void fwd_epilogue(float* l, const float* bias, int64_t K, int64_t Kp, float* out, float* lse,
-                                   int64_t* assign) {
+// Epilogue of kRows rows (the first nr are written): l = bias - acc/2 (in place, Kp lanes per row), log-softmax
+// over the first K, argmax (first maximum). The rows are interleaved phase by phase (independent dependency
+// chains); the argmax is branch-free: per lane the first maximum's index, then the smallest index among the
+// lanes holding the row maximum.
+MOEK_AVX2_INLINE void fwd_epilogue(float* acc, const float* bias, int64_t K, int64_t Kp, int64_t nr, float* out,
+                                   float* lse, int64_t* assign) {
   const __m256 half = _mm256_set1_ps(0.5f);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const int64_t Kfull = K / 8 * 8;
-  __m256 mx = ninf;
-  for (int64_t k = 0; k < Kp; k += 8) {
-    __m256 v = _mm256_fnmadd_ps(half, _mm256_loadu_ps(l + k), _mm256_loadu_ps(bias + k));
-    if (k >= Kfull)  // tail lanes >= K: -inf (exp -> 0, never the max)
-      v = _mm256_blendv_ps(ninf, v, _mm256_castsi256_ps(avx::tail_mask(static_cast<int>(K - k))));
-    _mm256_storeu_ps(l + k, v);
-    mx = _mm256_max_ps(mx, v);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256 mx[kRows];
+  __m256i idx[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    mx[r] = ninf;
+    idx[r] = _mm256_setzero_si256();
   }
-  const float m = avx::hmax_ps(mx);
-  const __m256 mb = _mm256_set1_ps(m);
-  int64_t am = 0;  // first lane equal to the maximum (tail lanes are -inf, never equal to a finite maximum)
   for (int64_t k = 0; k < Kp; k += 8) {
-    const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(l + k), mb, _CMP_EQ_OQ));
-    if (hit) {
-      am = std::min<int64_t>(K - 1, k + __builtin_ctz(static_cast<unsigned>(hit)));
-      break;
+    const __m256 b = _mm256_loadu_ps(bias + k);
+    const __m256i kk = _mm256_add_epi32(lane, _mm256_set1_epi32(static_cast<int>(k)));
+    const __m256 valid = _mm256_castsi256_ps(avx::tail_mask(static_cast<int>(std::min<int64_t>(8, K - k))));
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      float* l = acc + r * Kp + k;
+      __m256 v = _mm256_fnmadd_ps(half, _mm256_loadu_ps(l), b);
+      if (k >= Kfull) v = _mm256_blendv_ps(ninf, v, valid);  // lanes >= K: -inf (exp -> 0, never the max)
+      _mm256_storeu_ps(l, v);
+      const __m256 gt = _mm256_cmp_ps(v, mx[r], _CMP_GT_OQ);
+      mx[r] = _mm256_blendv_ps(mx[r], v, gt);
+      idx[r] = _mm256_blendv_epi8(idx[r], kk, _mm256_castps_si256(gt));
     }
   }
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 8) sum = _mm256_add_ps(sum, avx::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(l + k), mb)));
-  const float ls = m + std::log(avx::hsum_ps(sum));
-  const __m256 lb = _mm256_set1_ps(ls);
-  int64_t k = 0;
-  for (; k < Kfull; k += 8) _mm256_storeu_ps(out + k, _mm256_sub_ps(_mm256_loadu_ps(l + k), lb));
-  if (k < K) _mm256_maskstore_ps(out + k, avx::tail_mask(static_cast<int>(K - k)), _mm256_sub_ps(_mm256_loadu_ps(l + k), lb));
-  *lse = ls;
-  *assign = am;
+  __m256 mb[kRows], sum[kRows];
+  float m[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    m[r] = avx::hmax_ps(mx[r]);
+    mb[r] = _mm256_set1_ps(m[r]);
+    const __m256i at_max = _mm256_castps_si256(_mm256_cmp_ps(mx[r], mb[r], _CMP_EQ_OQ));
+    const int am = avx::hmin_epi32(_mm256_blendv_epi8(_mm256_set1_epi32(0x7fffffff), idx[r], at_max));
+    if (r < nr) assign[r] = (am >= 0 && am < K) ? am : 0;  // am out of range only for non-finite rows
+    sum[r] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < Kp; k += 8) {
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+      sum[r] = _mm256_add_ps(sum[r], avx::exp_nonpos_ps(_mm256_sub_ps(_mm256_loadu_ps(acc + r * Kp + k), mb[r])));
+  }
+  __m256 lb[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    const float ls = m[r] + std::log(avx::hsum_ps(sum[r]));
+    if (r < nr) lse[r] = ls;
+    lb[r] = _mm256_set1_ps(ls);
+  }
+  const __m256i tail = avx::tail_mask(static_cast<int>(K - Kfull));
+  for (int64_t r = 0; r < nr; ++r) {
+    const float* l = acc + r * Kp;
+    float* o = out + r * K;
+    int64_t k = 0;
+    for (; k < Kfull; k += 8) _mm256_storeu_ps(o + k, _mm256_sub_ps(_mm256_loadu_ps(l + k), lb[r]));
+    if (k < K) _mm256_maskstore_ps(o + k, tail, _mm256_sub_ps(_mm256_loadu_ps(l + k), lb[r]));
+  }
 }
 
 MOEK_AVX2 void fwd_avx2_rows(const float* x, int64_t i0, int64_t i1, int64_t D, int64_t K,
-                             const Constants<float, float>& P, float* log_resp, float* lse, int64_t* assign) {
+                             const FwdConstants<float, float>& P, float* log_resp, float* lse, int64_t* assign) {
   const int64_t Kp = P.ld;
   std::vector<float> xc(kRows * D), acc(kRows * Kp);
   const float* cen = P.centre.data();
   for (int64_t ib = i0; ib < i1; ib += kRows) {
     const int64_t nr = std::min<int64_t>(kRows, i1 - ib);
-    if (ib + kRows < i1) prefetch_floats(x + (ib + kRows) * D, std::min<int64_t>(kRows, i1 - ib - kRows) * D);
+    if (ib + kPrefetchRows < i1) prefetch_floats(x + (ib + kPrefetchRows) * D, std::min<int64_t>(kRows, i1 - ib - kPrefetchRows) * D);
     for (int64_t r = 0; r < kRows; ++r) {
       float* dst = xc.data() + r * D;
       if (r < nr) {
@@ -332,14 +410,11 @@ MOEK_AVX2 void fwd_avx2_rows(const float* x, int64_t i0, int64_t i1, int64_t D, 
     int64_t k0 = 0;
     for (; k0 + 16 <= Kp; k0 += 16) fwd_tile<2>(xc.data(), D, P.S.data() + k0, P.CS.data() + k0, Kp, acc.data() + k0);
     if (k0 < Kp) fwd_tile<1>(xc.data(), D, P.S.data() + k0, P.CS.data() + k0, Kp, acc.data() + k0);
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t i = ib + r;
-      fwd_epilogue(acc.data() + r * Kp, P.bias.data(), K, Kp, log_resp + i * K, lse + i, assign + i);
-    }
+    fwd_epilogue(acc.data(), P.bias.data(), K, Kp, nr, log_resp + ib * K, lse + ib, assign + ib);
   }
 }
 
-void fwd_avx2(const float* x, int64_t B, int64_t D, int64_t K, const Constants<float, float>& P, float* log_resp,
+void fwd_avx2(const float* x, int64_t B, int64_t D, int64_t K, const FwdConstants<float, float>& P, float* log_resp,
               float* lse, int64_t* assign) {
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
   parallel_rows(B, grain, [&](int64_t, int64_t i0, int64_t i1) {
@@ -349,7 +424,7 @@ void fwd_avx2(const float* x, int64_t B, int64_t D, int64_t K, const Constants<f
 
 // g (nr x K, rows >= nr zero) of kRows rows starting at row i: g = dlr + exp(lr) * (dlse - sum_k dlr).
 MOEK_AVX2_INLINE void grad_logits_rows(const float* glr, const float* glse, const float* lr, int64_t i, int64_t nr,
-                                       int64_t K, float* g, float* G) {
+                                       int64_t K, float* g, double* G) {
   const int64_t Kfull = K / 8 * 8;
   for (int64_t r = 0; r < kRows; ++r) {
     float* gr = g + r * K;
@@ -367,25 +442,28 @@ MOEK_AVX2_INLINE void grad_logits_rows(const float* glr, const float* glse, cons
     const float c = glse[i + r] - tot;
     const __m256 cb = _mm256_set1_ps(c);
     for (k = 0; k < Kfull; k += 8) {
-      const __m256 gv = _mm256_fmadd_ps(avx::exp_ps(_mm256_loadu_ps(l + k)), cb, _mm256_loadu_ps(d + k));
+      const __m256 gv = _mm256_fmadd_ps(avx::exp_nonpos_ps(_mm256_loadu_ps(l + k)), cb, _mm256_loadu_ps(d + k));
       _mm256_storeu_ps(gr + k, gv);
-      _mm256_storeu_ps(G + k, _mm256_add_ps(_mm256_loadu_ps(G + k), gv));
+      _mm256_storeu_pd(G + k, _mm256_add_pd(_mm256_loadu_pd(G + k), _mm256_cvtps_pd(_mm256_castps256_ps128(gv))));
+      _mm256_storeu_pd(G + k + 4, _mm256_add_pd(_mm256_loadu_pd(G + k + 4), _mm256_cvtps_pd(_mm256_extractf128_ps(gv, 1))));
     }
     for (; k < K; ++k) {
       gr[k] = d[k] + std::exp(l[k]) * c;
-      G[k] += gr[k];
+      G[k] += static_cast<double>(gr[k]);
     }
   }
 }
 
+MOEK_AVX2 void flush_avx2(float* mv, double* tot, int64_t n) { flush_loop(mv, tot, n); }
+
 MOEK_AVX2 void bwd_avx2_rows(const float* glr, const float* glse, const float* x, const float* lr, int64_t i0,
-                             int64_t i1, int64_t D, int64_t K, const Constants<float, float>& P, float* dx,
+                             int64_t i1, int64_t D, int64_t K, const BwdConstants<float, float>& P, float* dx,
                              BwdTotals& tot) {
   const int64_t Dp = P.ld;
-  std::vector<float> M(K * Dp, 0.0f), V(K * Dp, 0.0f), G(K, 0.0f), xc(kRows * Dp, 0.0f), g(kRows * K);
+  std::vector<float> MV(K * Dp * 2, 0.0f), xc(kRows * Dp, 0.0f), g(kRows * K);
   const float* cen = P.centre.data();
-  const float* S = P.S.data();
-  const float* CS = P.CS.data();
+  const float* IV = P.IV.data();
+  const float* CC = P.CC.data();
   const int64_t Dfull = D / 8 * 8;
   const __m256i dmask = avx::tail_mask(static_cast<int>(D - Dfull));
   int64_t since_flush = 0;
@@ -406,7 +484,7 @@ MOEK_AVX2 void bwd_avx2_rows(const float* glr, const float* glse, const float* x
         std::fill(dst, dst + Dp, 0.0f);
       }
     }
-    grad_logits_rows(glr, glse, lr, ib, nr, K, g.data(), G.data());
+    grad_logits_rows(glr, glse, lr, ib, nr, K, g.data(), tot.G.data());
     const float* g0 = g.data();
     const float* g1 = g0 + K;
     const float* g2 = g1 + K;
@@ -417,30 +495,30 @@ MOEK_AVX2 void bwd_avx2_rows(const float* glr, const float* glse, const float* x
       const __m256 x2 = _mm256_loadu_ps(xc.data() + 2 * Dp + j);
       const __m256 x3 = _mm256_loadu_ps(xc.data() + 3 * Dp + j);
       __m256 d0 = _mm256_setzero_ps(), d1 = d0, d2 = d0, d3 = d0;
+      float* mv = MV.data() + (j / 8) * K * 16;
       for (int64_t k = 0; k < K; ++k) {
-        const __m256 s = _mm256_loadu_ps(S + k * Dp + j);
-        const __m256 cs = _mm256_loadu_ps(CS + k * Dp + j);
-        const __m256 u0 = _mm256_fmsub_ps(x0, s, cs);
-        const __m256 u1 = _mm256_fmsub_ps(x1, s, cs);
-        const __m256 u2 = _mm256_fmsub_ps(x2, s, cs);
-        const __m256 u3 = _mm256_fmsub_ps(x3, s, cs);
-        const __m256 gu0 = _mm256_mul_ps(_mm256_broadcast_ss(g0 + k), u0);
-        const __m256 gu1 = _mm256_mul_ps(_mm256_broadcast_ss(g1 + k), u1);
-        const __m256 gu2 = _mm256_mul_ps(_mm256_broadcast_ss(g2 + k), u2);
-        const __m256 gu3 = _mm256_mul_ps(_mm256_broadcast_ss(g3 + k), u3);
-        d0 = _mm256_fmadd_ps(gu0, s, d0);
-        d1 = _mm256_fmadd_ps(gu1, s, d1);
-        d2 = _mm256_fmadd_ps(gu2, s, d2);
-        d3 = _mm256_fmadd_ps(gu3, s, d3);
-        float* m = M.data() + k * Dp + j;
-        float* v = V.data() + k * Dp + j;
-        const __m256 msum = _mm256_add_ps(_mm256_add_ps(gu0, gu1), _mm256_add_ps(gu2, gu3));
-        __m256 vsum = _mm256_mul_ps(gu0, u0);
-        vsum = _mm256_fmadd_ps(gu1, u1, vsum);
-        vsum = _mm256_fmadd_ps(gu2, u2, vsum);
-        vsum = _mm256_fmadd_ps(gu3, u3, vsum);
+        const __m256 iv = _mm256_loadu_ps(IV + k * Dp + j);
+        const __m256 cc = _mm256_loadu_ps(CC + k * Dp + j);
+        const __m256 e0 = _mm256_sub_ps(x0, cc);
+        const __m256 e1 = _mm256_sub_ps(x1, cc);
+        const __m256 e2 = _mm256_sub_ps(x2, cc);
+        const __m256 e3 = _mm256_sub_ps(x3, cc);
+        const __m256 ge0 = _mm256_mul_ps(_mm256_broadcast_ss(g0 + k), e0);
+        const __m256 ge1 = _mm256_mul_ps(_mm256_broadcast_ss(g1 + k), e1);
+        const __m256 ge2 = _mm256_mul_ps(_mm256_broadcast_ss(g2 + k), e2);
+        const __m256 ge3 = _mm256_mul_ps(_mm256_broadcast_ss(g3 + k), e3);
+        d0 = _mm256_fmadd_ps(ge0, iv, d0);
+        d1 = _mm256_fmadd_ps(ge1, iv, d1);
+        d2 = _mm256_fmadd_ps(ge2, iv, d2);
+        d3 = _mm256_fmadd_ps(ge3, iv, d3);
+        const __m256 msum = _mm256_add_ps(_mm256_add_ps(ge0, ge1), _mm256_add_ps(ge2, ge3));
+        __m256 vsum = _mm256_mul_ps(ge0, e0);
+        vsum = _mm256_fmadd_ps(ge1, e1, vsum);
+        vsum = _mm256_fmadd_ps(ge2, e2, vsum);
+        vsum = _mm256_fmadd_ps(ge3, e3, vsum);
+        float* m = mv + k * 16;
         _mm256_storeu_ps(m, _mm256_add_ps(_mm256_loadu_ps(m), msum));
-        _mm256_storeu_ps(v, _mm256_add_ps(_mm256_loadu_ps(v), vsum));
+        _mm256_storeu_ps(m + 8, _mm256_add_ps(_mm256_loadu_ps(m + 8), vsum));
       }
       const __m256 dr[kRows] = {d0, d1, d2, d3};
       for (int64_t r = 0; r < nr; ++r) {
@@ -454,15 +532,15 @@ MOEK_AVX2 void bwd_avx2_rows(const float* glr, const float* glse, const float* x
     }
     since_flush += kRows;
     if (since_flush >= kFlushRows) {
-      flush(M, V, G, tot);
+      flush_avx2(MV.data(), tot.MV.data(), static_cast<int64_t>(MV.size()));
       since_flush = 0;
     }
   }
-  flush(M, V, G, tot);
+  flush_avx2(MV.data(), tot.MV.data(), static_cast<int64_t>(MV.size()));
 }
 
 void bwd_avx2(const float* glr, const float* glse, const float* x, const float* lr, int64_t B, int64_t D, int64_t K,
-              const Constants<float, float>& P, float* dx, std::vector<BwdTotals>& totals) {
+              const BwdConstants<float, float>& P, float* dx, std::vector<BwdTotals>& totals) {
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 15) / std::max<int64_t>(1, K * D));
   parallel_rows(B, grain, [&](int64_t c, int64_t i0, int64_t i1) {
     bwd_avx2_rows(glr, glse, x, lr, i0, i1, D, K, P, dx, totals[c]);
@@ -497,33 +575,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mog_posterior_fwd_cpu(const at::T
   at::Tensor assign = at::empty({B}, x.options().dtype(at::kLong));
   if (B == 0) return {log_resp, lse, assign};
   if (x.scalar_type() == at::kFloat) {
-    const float* m = means.data_ptr<float>();
-    const float* lv = log_var.data_ptr<float>();
-    const float* lp = logpi.data_ptr<float>();
+    const FwdConstants<float, float> P(means.data_ptr<float>(), log_var.data_ptr<float>(), logpi.data_ptr<float>(), K,
+                                       D, 8);
 #if defined(MOEKERNELS_HAVE_AVX2_PATH)
     if (use_avx2_float()) {
-      Constants<float, float> P(m, lv, lp, K, D, /*kj_major=*/false, 8, 1);
       fwd_avx2(x.data_ptr<float>(), B, D, K, P, log_resp.data_ptr<float>(), lse.data_ptr<float>(),
                assign.data_ptr<int64_t>());
       return {log_resp, lse, assign};
     }
 #endif
-    Constants<float, float> P(m, lv, lp, K, D, false, 8, 1);
     fwd_generic<float, float>(x.data_ptr<float>(), B, D, K, P, log_resp.data_ptr<float>(), lse.data_ptr<float>(),
                               assign.data_ptr<int64_t>());
   } else {
-    Constants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(), logpi.data_ptr<double>(), K,
-                                D, false, 4, 1);
+    const FwdConstants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(),
+                                         logpi.data_ptr<double>(), K, D, 4);
     fwd_generic<double, double>(x.data_ptr<double>(), B, D, K, P, log_resp.data_ptr<double>(),
                                 lse.data_ptr<double>(), assign.data_ptr<int64_t>());
   }
   return {log_resp, lse, assign};
 }
 
-template <typename T, typename Acc>
-void finish_bwd(const Constants<T, Acc>& P, const std::vector<BwdTotals>& totals, int64_t K, int64_t D,
+// dmeans = iv M, dlog_var = (iv V - G) / 2, dlogpi = G from the per-thread totals (iv recomputed in float64).
+template <typename T>
+void finish_bwd(const T* log_var, const std::vector<BwdTotals>& totals, int64_t K, int64_t D,
                 at::Tensor& dmeans, at::Tensor& dlog_var, at::Tensor& dlogpi) {
-  const int64_t Dp = P.ld;
   T* dm = dmeans.data_ptr<T>();
   T* dv = dlog_var.data_ptr<T>();
   T* dp = dlogpi.data_ptr<T>();
@@ -534,11 +609,12 @@ void finish_bwd(const Constants<T, Acc>& P, const std::vector<BwdTotals>& totals
     for (int64_t j = 0; j < D; ++j) {
       double m = 0, v = 0;
       for (const auto& t : totals) {
-        m += t.M[k * Dp + j];
-        v += t.V[k * Dp + j];
+        m += t.M(K, k, j);
+        v += t.V(K, k, j);
       }
-      dm[k * D + j] = static_cast<T>(static_cast<double>(P.S[k * Dp + j]) * m);
-      dv[k * D + j] = static_cast<T>(0.5 * (v - gk));
+      const double iv = std::exp(-static_cast<double>(log_var[k * D + j]));
+      dm[k * D + j] = static_cast<T>(iv * m);
+      dv[k * D + j] = static_cast<T>(0.5 * (iv * v - gk));
     }
   }
 }
@@ -561,10 +637,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mog_posterior_bwd_cpu
   at::Tensor dlog_var = at::empty({K, D}, x.options());
   at::Tensor dlogpi = at::empty({K}, x.options());
   const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
-  // logpi does not enter the backward (only the bias, which has no use here): pass zeros.
   if (st == at::kFloat) {
-    std::vector<float> zeros(K, 0.0f);
-    Constants<float, float> P(means.data_ptr<float>(), log_var.data_ptr<float>(), zeros.data(), K, D, true, 1, 8);
+    const BwdConstants<float, float> P(means.data_ptr<float>(), log_var.data_ptr<float>(), K, D);
     std::vector<BwdTotals> totals(nt, BwdTotals(K, P.ld));
 #if defined(MOEKERNELS_HAVE_AVX2_PATH)
     if (use_avx2_float())
@@ -574,14 +648,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> mog_posterior_bwd_cpu
 #endif
       bwd_generic<float, float>(glr.data_ptr<float>(), glse.data_ptr<float>(), x.data_ptr<float>(),
                                 lr.data_ptr<float>(), B, D, K, P, dx.data_ptr<float>(), totals);
-    finish_bwd(P, totals, K, D, dmeans, dlog_var, dlogpi);
+    finish_bwd<float>(log_var.data_ptr<float>(), totals, K, D, dmeans, dlog_var, dlogpi);
   } else {
-    std::vector<double> zeros(K, 0.0);
-    Constants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(), zeros.data(), K, D, true, 1, 4);
+    const BwdConstants<double, double> P(means.data_ptr<double>(), log_var.data_ptr<double>(), K, D);
     std::vector<BwdTotals> totals(nt, BwdTotals(K, P.ld));
     bwd_generic<double, double>(glr.data_ptr<double>(), glse.data_ptr<double>(), x.data_ptr<double>(),
                                 lr.data_ptr<double>(), B, D, K, P, dx.data_ptr<double>(), totals);
-    finish_bwd(P, totals, K, D, dmeans, dlog_var, dlogpi);
+    finish_bwd<double>(log_var.data_ptr<double>(), totals, K, D, dmeans, dlog_var, dlogpi);
   }
   return {dx, dmeans, dlog_var, dlogpi};
 }
