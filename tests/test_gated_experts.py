@@ -390,7 +390,7 @@ def test_no_grad_inference_path(backend, cfg, B):
 
 def test_infer_fake_kernel_matches():
     h, ep, gp = make(9, 6, 4, 2, 3, 1, (5,), (3,), dtype=torch.float32)
-    if dispatch.not_supported_reasons(SPEC, "cpu", {"h": h}) or not ge_module._has_kernel("gated_experts_infer", "CPU"):
+    if dispatch.not_supported_reasons(SPEC, "cpu", {"h": h}) or not dispatch.has_kernel("gated_experts_infer", "CPU"):
         pytest.skip("compiled cpu inference kernel unavailable")
     args = (h, [W for W, _ in ep], [b for _, b in ep], [W for W, _ in gp], [b for _, b in gp], 1)
     torch.library.opcheck(torch.ops.moekernels.gated_experts_infer.default, args,

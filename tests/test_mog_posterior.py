@@ -1,5 +1,4 @@
 """mog_posterior: ref vs an independent float64 evaluation, every backend vs the ref, gradients, edge cases, errors."""
-import math
 
 import pytest
 import torch

@@ -29,12 +29,16 @@ class OpSpec:
     """What an op supports per backend.
 
     dtypes: backend -> dtypes it accepts. cuda_order: which GPU backends ``auto`` tries first, fastest first
-    (from the benchmarks). extra_check(backend, tensors) -> list of op-specific reasons.
+    (from the benchmarks). kernel: the compiled op (``torch.ops.moekernels.<kernel>``) the cpu/cuda backends
+    call, checked for a CPU/CUDA implementation in the loaded build. triton_module: the module under
+    ``moekernels.ops.triton`` holding the op's Triton kernels. extra_check(backend, tensors) -> more reasons.
     """
 
     name: str
     dtypes: Mapping[str, Sequence[torch.dtype]]
     cuda_order: Sequence[str] = ("cuda", "triton")
+    kernel: str | None = None
+    triton_module: str | None = None
     extra_check: Callable[[str, Mapping[str, torch.Tensor]], list] | None = None
     backends: Sequence[str] = field(default=BACKENDS)
 
@@ -94,9 +98,25 @@ def not_supported_reasons(spec: OpSpec, backend: str, tensors: Mapping[str, torc
     bad = sorted({str(t.dtype) for t in tensors.values() if t.is_floating_point() and t.dtype not in ok})
     if bad:
         reasons.append(f"the {backend} backend supports dtypes {[str(d) for d in ok]}, got {bad}")
+    if backend in ("cpu", "cuda") and spec.kernel and _extension.available() and not has_kernel(spec.kernel, backend):
+        reasons.append(f"moekernels._C has no {backend.upper()} kernel for {spec.kernel} (an older build? rebuild: "
+                       "`pip install --no-build-isolation -e .`)")
+    if backend == "triton" and spec.triton_module and not triton_import_error():
+        import importlib.util
+
+        if importlib.util.find_spec(f"moekernels.ops.triton.{spec.triton_module}") is None:
+            reasons.append(f"moekernels.ops.triton.{spec.triton_module} is missing from this installation")
     if spec.extra_check is not None:
         reasons.extend(spec.extra_check(backend, tensors))
     return reasons
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """Whether the loaded extension registers ``moekernels::<op>`` for ``backend`` ("cpu" or "cuda")."""
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"moekernels::{op}", backend.upper()))
+    except Exception:  # schema not registered (extension built before this op existed)
+        return False
 
 
 def resolve(spec: OpSpec, backend: str, tensors: Mapping[str, torch.Tensor]) -> str:

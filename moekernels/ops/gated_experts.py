@@ -30,7 +30,7 @@ gated_experts_bwd_params(same arguments as backward) -> (dWs, dbs, dgWs, dgbs), 
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -222,7 +222,7 @@ class GatedExpertsFn(torch.autograd.Function):
             else g_out.contiguous()
         g_gate = torch.zeros_like(gate) if g_gate is None else g_gate.contiguous()
         if not ctx.needs_input_grad[0] and backend in ("cpu", "cuda") and \
-                _has_kernel("gated_experts_bwd_params", backend.upper()):
+                dispatch.has_kernel("gated_experts_bwd_params", backend):
             # h needs no gradient (e.g. a fixed embedding): the optional kernel that skips dh's two GEMMs
             dh = None
             dWs, dbs, dgWs, dgbs = torch.ops.moekernels.gated_experts_bwd_params(
@@ -295,35 +295,14 @@ def _check(h, expert_params, gate_params, n_residual):
     return ep, gp
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"moekernels::{op}", key))
-    except Exception:  # schema not registered (extension built before this op existed)
-        return False
-
-
-def _extra_check(backend, tensors):
-    reasons = []
-    if backend in ("cpu", "cuda") and _extension.available():
-        key = "CPU" if backend == "cpu" else "CUDA"
-        if not _has_kernel("gated_experts_fwd", key):
-            reasons.append(f"moekernels._C has no {key} kernel for gated_experts (rebuild: "
-                           "`python setup.py build_ext --inplace`)")
-    if backend == "triton" and not dispatch.triton_import_error():
-        import importlib.util
-
-        if importlib.util.find_spec("moekernels.ops.triton.gated_experts") is None:
-            reasons.append("moekernels.ops.triton.gated_experts is not implemented in this build")
-    return reasons
-
-
 SPEC = dispatch.OpSpec(
     name="gated_experts",
     dtypes={"eager": dispatch.FLOAT_DTYPES, "cpu": (torch.float32, torch.float64),
             "cuda": (torch.float16, torch.bfloat16, torch.float32),
             "triton": (torch.float16, torch.bfloat16, torch.float32)},
-    cuda_order=("cuda", "triton"),
-    extra_check=_extra_check,
+    cuda_order=("triton", "cuda"),  # Triton: tensor cores + fused head; the CUDA GEMM tiles are FMA-only
+    kernel="gated_experts_fwd",
+    triton_module="gated_experts",
 )
 
 
@@ -355,7 +334,7 @@ def gated_experts(h, expert_params, gate_params, *, n_residual: int, backend: st
                  [W.contiguous() for W, _ in gp] + [b.contiguous() for _, b in gp]
         needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
         L, G = len(ep), len(gp)
-        if not needs_grad and which in ("cpu", "cuda") and _has_kernel("gated_experts_infer", which.upper()):
+        if not needs_grad and which in ("cpu", "cuda") and dispatch.has_kernel("gated_experts_infer", which):
             # inference: no activations written out (optional kernel; the CPU has one)
             out, gate = torch.ops.moekernels.gated_experts_infer(
                 h.contiguous(), params[:L], params[L:2 * L], params[2 * L:2 * L + G], params[2 * L + G:], n_residual)

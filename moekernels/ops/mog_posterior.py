@@ -129,6 +129,8 @@ SPEC = dispatch.OpSpec(
     dtypes={"eager": dispatch.FLOAT_DTYPES, "cpu": (torch.float32, torch.float64),
             "cuda": dispatch.FLOAT_DTYPES, "triton": (torch.float16, torch.bfloat16, torch.float32)},
     cuda_order=("cuda", "triton"),
+    kernel="mog_posterior_fwd",
+    triton_module="mog_posterior",
 )
 
 

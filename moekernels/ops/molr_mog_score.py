@@ -221,34 +221,13 @@ def _check(x, A, mu, log_var, log_pi):
         raise ValueError(f"molr_mog_score: log_pi must be (K, L)=({K}, {L}), got shape {tuple(log_pi.shape)}")
 
 
-def _has_kernel(op: str, key: str) -> bool:
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"moekernels::{op}", key))
-    except Exception:  # schema not registered (extension built before this op existed)
-        return False
-
-
-def _extra_check(backend, tensors):
-    reasons = []
-    if backend in ("cpu", "cuda") and _extension.available():
-        key = "CPU" if backend == "cpu" else "CUDA"
-        if not _has_kernel("molr_mog_score_fwd", key):
-            reasons.append(f"moekernels._C has no {key} kernel for molr_mog_score (rebuild: "
-                           "`python setup.py build_ext --inplace`)")
-    if backend == "triton" and not dispatch.triton_import_error():
-        import importlib.util
-
-        if importlib.util.find_spec("moekernels.ops.triton.molr_mog_score") is None:
-            reasons.append("moekernels.ops.triton.molr_mog_score is not implemented in this build")
-    return reasons
-
-
 SPEC = dispatch.OpSpec(
     name="molr_mog_score",
     dtypes={"eager": dispatch.FLOAT_DTYPES, "cpu": (torch.float32, torch.float64),
             "cuda": dispatch.FLOAT_DTYPES, "triton": (torch.float16, torch.bfloat16, torch.float32)},
     cuda_order=("cuda", "triton"),
-    extra_check=_extra_check,
+    kernel="molr_mog_score_fwd",
+    triton_module="molr_mog_score",
 )
 
 

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moekernels.ops.triton._common import (ACC_DTYPE, TRITON_TYPE, acc_torch_dtype, aot_signature, is_interpreted,
+from moekernels.ops.triton._common import (ACC_DTYPE, TRITON_TYPE, aot_signature, is_interpreted,
                                            next_pow2)
 
 __all__ = ["forward", "backward", "AOT_SPECS", "_gated_linear_kernel", "_gated_head_fwd_kernel",
