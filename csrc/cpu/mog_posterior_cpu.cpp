@@ -26,6 +26,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -136,13 +137,35 @@ void parallel_rows(int64_t n, int64_t grain, F&& f) {
   });
 }
 
+// Rows [0, n) in chunks of `chunk` rows (a multiple of kRows) claimed dynamically by the tasks of
+// at::parallel_for, so that a thread slowed by other load on its core takes fewer chunks. For passes whose
+// result does not depend on the split (the forward: every row is independent).
+template <typename F>
+void parallel_rows_dynamic(int64_t n, int64_t grain, F&& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t ntasks = std::max<int64_t>(1, std::min<int64_t>(nt, n / std::max<int64_t>(grain, 1)));
+  if (ntasks == 1) {
+    f(int64_t(0), n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(std::max<int64_t>(grain, kRows), round_up(n / (ntasks * 16), kRows));
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+        f(c * chunk, std::min<int64_t>(n, (c + 1) * chunk));
+  });
+}
+
 // ================================================================================== portable path
 template <typename T, typename Acc>
 void fwd_generic(const T* x, int64_t B, int64_t D, int64_t K, const FwdConstants<T, Acc>& P, T* log_resp, T* lse,
                  int64_t* assign) {
   const int64_t Kp = P.ld;
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
-  parallel_rows(B, grain, [&](int64_t, int64_t i0, int64_t i1) {
+  parallel_rows_dynamic(B, grain, [&](int64_t i0, int64_t i1) {
     std::vector<Acc> xc(kRows * D), acc(kRows * Kp), mid(kRows * Kp), part(kRows * Kp);
     for (int64_t ib = i0; ib < i1; ib += kRows) {
       const int64_t nr = std::min<int64_t>(kRows, i1 - ib);
@@ -417,7 +440,7 @@ MOEK_AVX2 void fwd_avx2_rows(const float* x, int64_t i0, int64_t i1, int64_t D, 
 void fwd_avx2(const float* x, int64_t B, int64_t D, int64_t K, const FwdConstants<float, float>& P, float* log_resp,
               float* lse, int64_t* assign) {
   const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(1, K * D));
-  parallel_rows(B, grain, [&](int64_t, int64_t i0, int64_t i1) {
+  parallel_rows_dynamic(B, grain, [&](int64_t i0, int64_t i1) {
     fwd_avx2_rows(x, i0, i1, D, K, P, log_resp, lse, assign);
   });
 }
