@@ -25,6 +25,10 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+try:
+    _LOADAVG_AT_IMPORT: float | None = os.getloadavg()[0]  # the machine's load when the bench started
+except OSError:  # pragma: no cover
+    _LOADAVG_AT_IMPORT = None
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -103,10 +107,8 @@ def device_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
-    try:
-        info["loadavg_1m_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
+    if _LOADAVG_AT_IMPORT is not None:
+        info["loadavg_1m_at_start"] = _LOADAVG_AT_IMPORT
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
