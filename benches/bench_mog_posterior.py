@@ -15,7 +15,7 @@ Variants (float32 unless --dtype):
            the two products of its backward (G @ W^T and G^T @ [x^2, x]).
 forward: under torch.no_grad(). forward+backward: inputs require grad, backward from given (log_resp, lse)
 gradients. Times are medians over --repeat interleaved rounds (benches/_common.bench; a callable faster than
-20 ms runs several times per sample). On a shared machine also run --threads 1 (less sensitive to other load).
+2 ms runs several times per sample). On a shared machine also run --threads 1 (less sensitive to other load).
 Writes <out>/mog_posterior_<device-tag>.json (``_quick`` appended with --quick) and prints a markdown table.
 """
 from __future__ import annotations
@@ -130,8 +130,8 @@ def run_shape(shape, args, device, dtype):
                         "max_abs_diff_lse_vs_eager": (o.lse.float() - e[1].float()).abs().max().item(),
                         "assign_agreement_vs_eager": (o.assign == e[2]).float().mean().item()}
 
-    res_f = C.bench(fwd, device=device, warmup=warmup, repeat=repeat, min_round_s=0.02)
-    res_fb = C.bench(fb, device=device, warmup=warmup, repeat=repeat, min_round_s=0.02)
+    res_f = C.bench(fwd, device=device, warmup=warmup, repeat=repeat, min_round_s=0.002)
+    res_fb = C.bench(fb, device=device, warmup=warmup, repeat=repeat, min_round_s=0.002)
 
     # the readable ref on a row subset (it materialises B x K x D several times)
     rows = max(1, min(B, REF_MAX_ELEMENTS // max(1, K * D)))
