@@ -1,6 +1,7 @@
 """``python -m moekernels.info``: versions, the compiled extension, and which backends can run here (and why not)."""
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -57,7 +58,10 @@ def report() -> str:
         C = _extension.C
         archs = C.cuda_archs() or "-"
         lines.append(f"compiled extension: {C.__file__}")
-        lines.append(f"  CPU SIMD path: {C.cpu_capability()}; CUDA kernels: {C.has_cuda()} (archs: {archs})")
+        simd = C.cpu_capability()
+        if os.environ.get("MOEKERNELS_CPU_GENERIC", "0") == "1":
+            simd = f"generic (MOEKERNELS_CPU_GENERIC=1; the machine has {simd})"
+        lines.append(f"  CPU SIMD path: {simd}; CUDA kernels: {C.has_cuda()} (archs: {archs})")
     else:
         lines.append(f"compiled extension: unavailable ({_extension.load_error})")
     lines.extend(_gpu_lines())

@@ -218,3 +218,29 @@ def test_auto_picks_compiled_cpu_when_built():
     x, m, lv, lp = make(5, 3, 2)
     expected = "cpu" if not dispatch.not_supported_reasons(SPEC, "cpu", {"x": x}) else "eager"
     assert dispatch.resolve(SPEC, "auto", {"x": x}) == expected
+
+
+@pytest.mark.parametrize("generic", [False, True])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_cpu_float32_backward_within_budget(monkeypatch, generic, offset):
+    """float32 gradients of the cpu kernel (SIMD and portable paths) stay within 2x the float32 ref's error."""
+    if generic:
+        monkeypatch.setenv("MOEKERNELS_CPU_GENERIC", "1")
+    x, m, lv, lp = (t.float() for t in make(203, 19, 11, offset=offset, spread=2.0))
+    backend_or_skip(SPEC, "cpu", {"x": x})
+    w_lr = torch.randn(203, 11, dtype=torch.float64)
+    w_lse = torch.randn(203, dtype=torch.float64)
+
+    def grads(fn, dtype):
+        ts = [t.to(dtype).requires_grad_() for t in (x, m, lv, lp)]
+        lr, lse = fn(ts)
+        loss = (lr.double() * w_lr).sum() + (lse.double() * w_lse).sum()
+        return torch.autograd.grad(loss, ts)
+
+    exact = grads(lambda ts: mog_posterior_ref(*ts)[:2], torch.float64)
+    ref32 = grads(lambda ts: mog_posterior_ref(*ts)[:2], torch.float32)
+    got = grads(lambda ts: tuple(mog_posterior(*ts, backend="cpu"))[:2], torch.float32)
+    for name, g, r, e in zip(("x", "means", "log_var", "log_pi"), got, ref32, exact):
+        err = (g.double() - e).abs().max().item()
+        err_ref = (r.double() - e).abs().max().item()
+        assert err <= 2 * err_ref + 1e-5 * max(1.0, e.abs().max().item()), (name, err, err_ref)

@@ -5,8 +5,9 @@
 //   bias_k = logpi_k - 1/2 sum_j (log 2 pi + log_var_kj)
 //   lse   = logsumexp_k l_k ; log_resp_k = l_k - lse ; assign = argmax_k l_k
 //
-// The "scaled difference" form (x s - c s)^2 is two FMAs per element like the matrix-product expansion, but
-// has no cancellation far from the origin.
+// The "scaled difference" form (x s - c s)^2 is two FMAs per element like the matrix-product expansion and has
+// no ||x||^2 - 2 x.c + ||c||^2 cancellation, but rounding c*s costs eps*|c s|: kernels using it centre x and c
+// on the mean of the means first (the CPU kernel), or form (x - c) * s directly (the CUDA and Triton kernels).
 #pragma once
 
 #include <cmath>
