@@ -111,6 +111,23 @@ def not_supported_reasons(spec: OpSpec, backend: str, tensors: Mapping[str, torc
     return reasons
 
 
+def check_float_tensors(op: str, named: Mapping[str, object]) -> None:
+    """ValueError naming the argument unless every value is a floating-point tensor on the device and of the dtype
+    of the first one (``None`` values, i.e. optional arguments left out, are skipped)."""
+    first_name, first = next(iter(named.items()))
+    for name, t in named.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != first.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {first_name} is on {first.device}")
+        if t.dtype != first.dtype:
+            raise ValueError(f"{op}: {name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}")
+
+
 def has_kernel(op: str, backend: str) -> bool:
     """Whether the loaded extension registers ``moekernels::<op>`` for ``backend`` ("cpu" or "cuda")."""
     try:

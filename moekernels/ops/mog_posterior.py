@@ -104,15 +104,7 @@ def _impl(backend: str):
 
 # ----------------------------------------------------------------------------------------------- public op
 def _check(x, means, log_var, log_pi):
-    for name, t in (("x", x), ("means", means), ("log_var", log_var), ("log_pi", log_pi)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"mog_posterior: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dispatch.FLOAT_DTYPES:
-            raise ValueError(f"mog_posterior: {name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"mog_posterior: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"mog_posterior: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    dispatch.check_float_tensors("mog_posterior", {"x": x, "means": means, "log_var": log_var, "log_pi": log_pi})
     if x.dim() != 2:
         raise ValueError(f"mog_posterior: x must be (B, D), got shape {tuple(x.shape)}")
     if means.dim() != 2 or means.shape[1] != x.shape[1] or means.shape[0] < 1:

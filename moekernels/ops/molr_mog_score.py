@@ -193,17 +193,7 @@ def _as_rows(name, v, x):
 
 
 def _check(x, A, mu, log_var, log_pi):
-    for name, t in zip(_NAMES, (x, A, mu, log_var, log_pi)):
-        if t is None and name == "A":
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"molr_mog_score: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in dispatch.FLOAT_DTYPES:
-            raise ValueError(f"molr_mog_score: {name} must be a floating-point tensor, got dtype {t.dtype}")
-        if t.device != x.device:
-            raise ValueError(f"molr_mog_score: {name} is on {t.device} but x is on {x.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"molr_mog_score: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+    dispatch.check_float_tensors("molr_mog_score", dict(zip(_NAMES, (x, A, mu, log_var, log_pi))))
     if x.dim() != 2:
         raise ValueError(f"molr_mog_score: x must be (B, D), got shape {tuple(x.shape)}")
     if mu.dim() != 3 or min(mu.shape) < 1:
