@@ -30,11 +30,11 @@
 #include "cpu_features.h"
 #include "molr_mog_score.h"
 
-#if defined(MOEKERNELS_X86) && (defined(__GNUC__) || defined(__clang__))
+#include "cpu_simd.h"
+#if defined(MOEKERNELS_HAVE_AVX2_PATH)
 #define MOLR_HAVE_AVX2 1
-#include <immintrin.h>
-#define MOLR_AVX2 __attribute__((target("avx2,fma")))
-#define MOLR_AVX2_INLINE __attribute__((target("avx2,fma"), always_inline)) inline
+#define MOLR_AVX2 MOEK_AVX2
+#define MOLR_AVX2_INLINE MOEK_AVX2_INLINE
 #endif
 
 namespace moekernels {
@@ -189,84 +189,12 @@ struct GenericRows {
 #if defined(MOLR_HAVE_AVX2)
 namespace simd {
 
-MOLR_AVX2_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-MOLR_AVX2_INLINE float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_max_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The 8 horizontal sums of v0..v7 as one vector [sum v0, ..., sum v7] (hadd tree + one 128-bit swap).
-MOLR_AVX2_INLINE __m256 hsum8x8(const __m256* v) {
-  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
-  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
-}
-
-// First n (0..8) lanes set.
-MOLR_AVX2_INLINE __m256i tail_mask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-// exp for 8 floats: Cephes expf polynomial (~1 ulp); exactly 0 below -87.3 (softmax tails), clamped above 88.3.
-MOLR_AVX2_INLINE __m256 exp_ps(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.3762626647949f));
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^n with n in [-126, 128]: scale in two halves so n = 128 does not overflow the exponent field
-  const __m256i n = _mm256_cvtps_epi32(fx);
-  const __m256i n1 = _mm256_srai_epi32(n, 1);
-  const __m256i n2 = _mm256_sub_epi32(n, n1);
-  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, _mm256_set1_epi32(127)), 23));
-  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, _mm256_set1_epi32(127)), 23));
-  return _mm256_andnot_ps(under, _mm256_mul_ps(_mm256_mul_ps(y, p1), p2));
-}
-
-// log for 8 positive normal floats: Cephes logf (~1 ulp). m = s^2 v + gamma^2 >= gamma^2 is always one.
-MOLR_AVX2_INLINE __m256 log_ps(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  __m256i xi = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
-  __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));  // [0.5,1)
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-  const __m256 tmp = _mm256_and_ps(m, small);
-  m = _mm256_sub_ps(m, one);
-  e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
-  m = _mm256_add_ps(m, tmp);  // m in [sqrt(1/2) - 1, sqrt(2) - 1)
-  const __m256 z = _mm256_mul_ps(m, m);
-  __m256 y = _mm256_set1_ps(7.0376836292E-2f);
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993E-1f));
-  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174E-1f));
-  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
-}
+using cpu::avx2::exp_ps;
+using cpu::avx2::hsum8x8;
+using cpu::avx2::log_ps;
+using cpu::avx2::tail_mask;
+MOLR_AVX2_INLINE float hsum(__m256 v) { return cpu::avx2::hsum_ps(v); }
+MOLR_AVX2_INLINE float hmax(__m256 v) { return cpu::avx2::hmax_ps(v); }
 
 // Chunks of 8 lanes over a length-d vector; the last one masked when d % 8 != 0.
 struct Chunks {

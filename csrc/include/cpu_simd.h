@@ -94,6 +94,41 @@ MOEK_AVX2_INLINE __m256i tail_mask(int n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
 }
 
+// The 8 horizontal sums of v0..v7 as one vector [sum v0, ..., sum v7] (hadd tree + one 128-bit swap).
+MOEK_AVX2_INLINE __m256 hsum8x8(const __m256* v) {
+  const __m256 s0123 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 s4567 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0123, s4567, 0x20), _mm256_permute2f128_ps(s0123, s4567, 0x31));
+}
+
+// log(x) for 8 positive normal floats (Cephes logf, ~1 ulp).
+MOEK_AVX2_INLINE __m256 log_ps(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  __m256i xi = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));  // [0.5,1)
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  const __m256 tmp = _mm256_and_ps(m, small);
+  m = _mm256_sub_ps(m, one);
+  e = _mm256_sub_ps(e, _mm256_and_ps(one, small));
+  m = _mm256_add_ps(m, tmp);  // m in [sqrt(1/2) - 1, sqrt(2) - 1)
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292E-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993E-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174E-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
 }  // namespace avx2
 }  // namespace cpu
 }  // namespace moekernels
