@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "gated_experts_cuda.h"
+#include "cuda_dtypes.cuh"
 
 namespace moekernels {
 namespace cuda {
@@ -28,19 +29,6 @@ namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(float v);

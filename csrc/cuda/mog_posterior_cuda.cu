@@ -28,6 +28,7 @@
 
 #include "mog_posterior.h"
 #include "mog_posterior_cuda.h"
+#include "cuda_dtypes.cuh"
 
 namespace moekernels {
 namespace cuda {
@@ -39,19 +40,6 @@ constexpr int kBKc = 16;  // backward dx: components per shared-memory chunk
 constexpr int kBI = 16;   // backward params: rows per shared-memory chunk
 
 // ------------------------------------------------------------------------------------------ load / store
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
