@@ -4,6 +4,8 @@
     moekernels info                  versions and which backends can run here (and why not)
     moekernels bench [OP ...]        run benches/bench_<op>.py (from a source checkout)
     moekernels reproduce dualdiff    train and evaluate the DualDiff baselines/variants (see --help)
+    moekernels reproduce mixdiffusion  mixDDPM / mixSGM vs DDPM / SGM at reduced budgets (see --help)
+    moekernels reproduce molr-mog    MoLR-MoG: exact-score oracle and MoE-latent digits (see --help)
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHES = REPO / "benches"
+# `moekernels reproduce <method>` -> moekernels.methods.<module>.main(argv)
+METHODS = {"dualdiff": "dualdiff", "mixdiffusion": "mixdiffusion", "molr-mog": "molr_mog"}
 
 
 # ------------------------------------------------------------------------------------------------- demo cases
@@ -200,13 +204,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", choices=["cpu", "cuda"])
     p = sub.add_parser("reproduce", help="reproduce a paper's experiments (models/<method>/RESULTS.md)")
-    p.add_argument("method", choices=["dualdiff"])
+    p.add_argument("method", choices=list(METHODS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options of the method (e.g. --help)")
     args = parser.parse_args(argv)
     if args.cmd == "reproduce":
-        from moekernels.methods import dualdiff
+        import importlib
 
-        sys.exit(dualdiff.main(args.rest))
+        sys.exit(importlib.import_module(f"moekernels.methods.{METHODS[args.method]}").main(args.rest))
     if args.cmd == "info":
         from moekernels.info import main as info_main
 
