@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(1)
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans

@@ -4,6 +4,8 @@ import math
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(1)
 from scipy.stats import wasserstein_distance
 
 from moekernels.metrics.wasserstein import mode_coverage, sliced_wasserstein, wasserstein_1d
@@ -33,12 +35,12 @@ def test_sliced():
     x = r.normal(size=(400, 2))
     m = np.array([3.0, 4.0])
     # translation: each projection's W1 is |theta . m| exactly; E|theta . m| = 2 ||m|| / pi on the circle
-    assert sliced_wasserstein(x, x + m, n_projections=20000, seed=3) == pytest.approx(2 * 5 / math.pi, rel=0.02)
+    assert sliced_wasserstein(x, x + m, n_projections=4000, seed=3) == pytest.approx(2 * 5 / math.pi, rel=0.03)
     assert sliced_wasserstein(x, x.copy()) == pytest.approx(0.0, abs=1e-12)
     x1, y1 = r.normal(size=(50, 1)), r.normal(size=(70, 1))
     assert sliced_wasserstein(x1, y1) == pytest.approx(wasserstein_distance(x1[:, 0], y1[:, 0]), rel=1e-12)
     # SW2 of a translation: sqrt(E (theta . m)^2) = ||m|| / sqrt(2) in 2-D
-    assert sliced_wasserstein(x, x + m, n_projections=20000, p=2, seed=4) == pytest.approx(5 / math.sqrt(2), rel=0.02)
+    assert sliced_wasserstein(x, x + m, n_projections=4000, p=2, seed=4) == pytest.approx(5 / math.sqrt(2), rel=0.03)
 
 
 def test_mode_coverage():
