@@ -204,3 +204,45 @@ def test_main_writes_metrics_plots_and_results(tmp_path):
              "--n-data", "2000", "--sampling-steps", "10",
              "--results", str(results), "--recipe", str(tmp_path / "none.toml")])  # reuses the finished run
     assert results.read_text().count(dd.BEGIN) == 1
+
+
+def test_discrete_schedule_is_the_ddpm_noising():
+    sched = DDPMScheduler(100)
+    view = sched.schedule()
+    x0, noise = torch.randn(7, 2, dtype=torch.float64), torch.randn(7, 2, dtype=torch.float64)
+    t = torch.tensor([0, 3, 17, 50, 98, 99, 42])
+    torch.testing.assert_close(view.add_noise(x0, noise, t.double()), sched.add_noise(x0, noise, t))
+    s, g = view(t)
+    assert s.dtype == torch.float64
+    torch.testing.assert_close(s ** 2 + g ** 2, torch.ones(7, dtype=torch.float64))
+    assert view.s(5) == pytest.approx(float(sched.alphas_cumprod[5]) ** 0.5)
+    with pytest.raises(ValueError, match="integer"):
+        view.gamma(0.5)
+
+
+def test_mog_expert_is_the_exact_mixture_eps_when_gated_off():
+    """With the gate closed, the "mog" denoiser's eps is -gamma_t * score of the noised Gaussian mixture, checked
+    against an independent float64 formula."""
+    torch.manual_seed(0)
+    sched = DDPMScheduler(100)
+    data = torch.randn(300, 2, dtype=torch.float64) * 2
+    model = dd.build_model(dd.VariantConfig("mog", n_components=24), backend="eager", scheduler=sched).double()
+    model.init_from_data(data, torch.Generator().manual_seed(1))
+    assert all(any(torch.equal(m, r) for r in data) for m in model.mog.mu[0])  # means are data rows
+    with torch.no_grad():
+        model.mog.log_var.uniform_(-4, -1)
+        model.mog.log_pi.normal_()
+        model.gate[-1].bias.fill_(-60.0)  # g = sigmoid(-60 + ...) ~ 1e-26: the mixture expert alone
+        model.gate[-1].weight.zero_()
+    x, t = torch.randn(11, 2, dtype=torch.float64) * 2, torch.randint(0, 100, (11,))
+    ab = sched.alphas_cumprod[t][:, None, None]
+    C, V = model.mog.mu[0].detach(), model.mog.log_var[0].detach().exp()
+    v = ab * V + (1 - ab)
+    diff = x[:, None] - ab.sqrt() * C
+    w = torch.softmax(torch.log_softmax(model.mog.log_pi[0].detach(), 0) - 0.5 * (diff ** 2 / v + v.log()).sum(-1), 1)
+    want = (w[..., None] * diff / v).sum(1) * (1 - ab[:, 0]).sqrt()
+    eps, g = model.forward_with_gate(x, t)
+    torch.testing.assert_close(eps, want, rtol=1e-9, atol=1e-12)
+    assert float(g.detach().max()) < 1e-20
+    with pytest.raises(ValueError, match="n_components"):
+        model.init_from_data(data[:5])

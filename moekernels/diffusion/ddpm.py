@@ -99,5 +99,11 @@ class DDPMScheduler:
             prev = prev + var.sqrt() * noise
         return prev
 
+    def schedule(self):
+        """The (s, gamma) view of this scheduler for continuous-time score modules (t = integer index)."""
+        from moekernels.diffusion.schedules import DiscreteSchedule
+
+        return DiscreteSchedule(self.alphas_cumprod)
+
     def __len__(self) -> int:
         return self.num_train_timesteps

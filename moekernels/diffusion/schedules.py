@@ -18,7 +18,7 @@ import math
 
 import torch
 
-__all__ = ["Schedule", "VPSchedule", "VESchedule"]
+__all__ = ["Schedule", "VPSchedule", "VESchedule", "DiscreteSchedule"]
 
 
 def _f64(t):
@@ -102,3 +102,34 @@ class VESchedule(Schedule):
         r = math.log(self.sigma_max / self.sigma_min)
         v = self.sigma_min * (torch.exp(r * t64) if torch.is_tensor(t64) else math.exp(r * t64))
         return _back(v, t)
+
+
+class DiscreteSchedule(Schedule):
+    """The (s, gamma) view of a discrete DDPM schedule: t is an integer timestep index into ``alphas_cumprod``,
+    s = sqrt(alpha_bar_t), gamma = sqrt(1 - alpha_bar_t) (``DDPMScheduler.schedule()`` builds one). It lets the
+    continuous-time score modules (``MoLRMoGScore``) run inside a DDPM."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if ab.dim() != 1 or not bool(((ab > 0) & (ab < 1)).all()):
+            raise ValueError("DiscreteSchedule: alphas_cumprod must be a 1-D tensor with values in (0, 1)")
+        self.alphas_cumprod = ab
+
+    def _at(self, table, t):
+        if torch.is_tensor(t):
+            if t.is_floating_point() and not bool((t == t.round()).all()):
+                raise ValueError("DiscreteSchedule: t must hold integer timestep indices")
+            # float64 for integer t (callers cast to their data's dtype), else t's dtype
+            return table[t.long().cpu()].to(device=t.device, dtype=t.dtype if t.is_floating_point() else torch.float64)
+        if int(t) != t:
+            raise ValueError(f"DiscreteSchedule: t must be an integer timestep index, got {t}")
+        return float(table[int(t)])
+
+    def s(self, t):
+        return self._at(self.alphas_cumprod.sqrt(), t)
+
+    def gamma(self, t):
+        return self._at((1 - self.alphas_cumprod).sqrt(), t)
+
+    def __repr__(self):
+        return f"DiscreteSchedule(T={len(self.alphas_cumprod)})"

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -104,9 +105,9 @@ class _ResidualBlock(nn.Module):
 class BaselineDenoiser(nn.Module):
     """The baseline MLP noise predictor: forward(x (B, 2), t (B,) int) -> eps_hat (B, 2)."""
 
-    def __init__(self, emb: int = 128, hidden: int = 256, n_residual: int = 3):
+    def __init__(self, emb: int = 128, hidden: int = 256, n_residual: int = 3, input_scale: float = 25.0):
         super().__init__()
-        self.embed = _InputEmbedding(emb)
+        self.embed = _InputEmbedding(emb, input_scale)
         self.network = nn.Sequential(nn.Linear(self.embed.out_dim, hidden),
                                      *[_ResidualBlock(hidden) for _ in range(n_residual)],
                                      nn.ReLU(), nn.Linear(hidden, 2))
@@ -131,9 +132,9 @@ class DualExpertDenoiser(nn.Module):
     forward_with_gate(x, t) -> (eps_hat, g) with g (B,) the weight of expert 1."""
 
     def __init__(self, emb: int = 128, hidden: int = 256, n_residual: int = 3, head=(), gate_hidden=(256,),
-                 n_experts: int = 2, backend: str = "auto"):
+                 n_experts: int = 2, backend: str = "auto", input_scale: float = 25.0):
         super().__init__()
-        self.embed = _InputEmbedding(emb)
+        self.embed = _InputEmbedding(emb, input_scale)
         self.experts = _gated_experts_cls()(self.embed.out_dim, hidden, 2, n_experts=n_experts,
                                             n_residual=n_residual, head=tuple(head), gate_hidden=tuple(gate_hidden),
                                             backend=backend)
@@ -146,13 +147,68 @@ class DualExpertDenoiser(nn.Module):
         return self.forward_with_gate(x, t)[0]
 
 
+class MoGExpertDenoiser(nn.Module):
+    """Ours: an MLP expert and a Gaussian-mixture expert combined by a learned sigmoid gate,
+
+        eps(x_t, t) = g(h) e_mlp(h) + (1 - g(h)) e_mog(x_t, t),   h = the shared input embedding,
+
+    where e_mog = -gamma_t * grad log p_t(x_t) is the closed-form noise prediction of a learned L-component
+    Gaussian mixture in data space (``moekernels.nn.MoLRMoGScore`` with the identity basis: the fused
+    ``molr_mog_score`` op, latent path), its means started at L random training points (``init_from_data``).
+    The MLP is the baseline's (optionally with a larger embedding scale); the gate is 384 -> gate_hidden -> 1.
+    """
+
+    def __init__(self, scheduler: DDPMScheduler, emb: int = 128, hidden: int = 256, n_residual: int = 3,
+                 gate_hidden=(128,), n_components: int = 512, input_scale: float = 25.0, init_std: float = 0.02,
+                 backend: str = "auto"):
+        super().__init__()
+        from moekernels.nn.molr import MoLRMoGScore
+
+        self.embed = _InputEmbedding(emb, input_scale)
+        self.network = nn.Sequential(nn.Linear(self.embed.out_dim, hidden),
+                                     *[_ResidualBlock(hidden) for _ in range(n_residual)],
+                                     nn.ReLU(), nn.Linear(hidden, 2))
+        widths = (self.embed.out_dim, *gate_hidden)
+        layers = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.gate = nn.Sequential(*layers, nn.Linear(widths[-1], 1))
+        self.mog = MoLRMoGScore(2, 1, n_components, 2, schedule=scheduler.schedule(), basis="identity",
+                                backend=backend)
+        self.init_std = float(init_std)
+        with torch.no_grad():
+            self.mog.log_var.fill_(2 * math.log(self.init_std))
+
+    @torch.no_grad()
+    def init_from_data(self, data: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Means at L distinct random rows of ``data`` (N, 2), variances init_std^2, uniform weights."""
+        L = self.mog.n_components
+        if len(data) < L:
+            raise ValueError(f"init_from_data: need at least n_components={L} rows, got {len(data)}")
+        idx = torch.randperm(len(data), generator=generator)[:L]
+        self.mog.mu.copy_(data[idx].to(self.mog.mu.dtype).reshape(1, L, 2))
+        self.mog.log_var.fill_(2 * math.log(self.init_std))
+        self.mog.log_pi.zero_()
+
+    def forward_with_gate(self, x, t):
+        h = self.embed(x, t)
+        g = torch.sigmoid(self.gate(h))
+        eps = g * self.network(h) + (1 - g) * self.mog.predict_eps(x, t)
+        return eps, g[:, 0]
+
+    def forward(self, x, t):
+        return self.forward_with_gate(x, t)[0]
+
+
 @dataclass(frozen=True)
 class VariantConfig:
-    kind: str = "baseline"            # "baseline" | "dual"
+    kind: str = "baseline"            # "baseline" | "dual" | "mog" (ours: MLP + Gaussian-mixture expert)
     head: tuple = ()                  # extra expert widths before the 2-wide head
     gate_hidden: tuple = (256,)       # gate MLP hidden widths (last layer: 1 sigmoid logit)
     diversity_weight: float = 0.0
     n_experts: int = 2
+    input_scale: float = 25.0         # sinusoidal embedding scale of x_0 and x_1
+    n_components: int = 512           # "mog": Gaussian-mixture expert components
 
 
 VARIANTS = {
@@ -165,12 +221,17 @@ VARIANTS = {
 }
 
 
-def build_model(variant: str | VariantConfig, backend: str = "auto") -> nn.Module:
+def build_model(variant: str | VariantConfig, backend: str = "auto",
+                scheduler: DDPMScheduler | None = None) -> nn.Module:
     cfg = VARIANTS[variant] if isinstance(variant, str) else variant
+    if cfg.kind == "mog":
+        return MoGExpertDenoiser(scheduler or DDPMScheduler(), gate_hidden=cfg.gate_hidden,
+                                 n_components=cfg.n_components, input_scale=cfg.input_scale, backend=backend)
     if cfg.kind == "baseline":
-        return BaselineDenoiser()
+        return BaselineDenoiser(input_scale=cfg.input_scale)
     if cfg.kind == "dual":
         return DualExpertDenoiser(head=cfg.head, gate_hidden=cfg.gate_hidden, n_experts=cfg.n_experts,
+                                  input_scale=cfg.input_scale,
                                   backend=backend)
     raise ValueError(f"unknown model kind {cfg.kind!r}")
 
@@ -270,7 +331,9 @@ def run_one(cfg: RunConfig, out_dir: str | os.PathLike | None = None, variant_cf
     np.random.seed(cfg.seed)
     data = torch.from_numpy(get_dataset(cfg.dataset, cfg.n_data))
     scheduler = DDPMScheduler(cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
-    model = build_model(vcfg, backend=cfg.backend)
+    model = build_model(vcfg, backend=cfg.backend, scheduler=scheduler)
+    if hasattr(model, "init_from_data"):
+        model.init_from_data(data, torch.Generator().manual_seed(cfg.seed + 999))
     tcfg = TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, grad_clip=cfg.grad_clip,
                        seed=cfg.seed, progress=cfg.progress, checkpoint_every=cfg.checkpoint_every)
     out = Path(out_dir) if out_dir is not None else None
