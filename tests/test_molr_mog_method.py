@@ -96,11 +96,18 @@ def test_mlp_score_and_parameter_matching():
         h = mm.mlp_hidden_for(target, D)
         m = mm.MLPScore(D, h)
         assert abs(mm.count_parameters(m) - target) <= (D + 16) + 2 * h + D + 1
-    m = mm.MLPScore(5, 8)
     x, t = torch.randn(4, 5), torch.rand(4) * 0.9 + 0.05
     g = VPSchedule().gamma(t)[:, None]
-    assert torch.allclose(m(x, t), -m.predict_eps(x, t) / g)
-    assert m(x, 0.5).shape == (4, 5)
+    for param in ("eps", "x0"):
+        m = mm.MLPScore(5, 8, param=param)
+        assert torch.allclose(m(x, t), -m.predict_eps(x, t) / g)
+        assert m(x, 0.5).shape == (4, 5)
+    with torch.no_grad():  # zero output layer: score = -x (eps: the N(0, I) score) / -x / gamma^2 (x0)
+        for param, want in (("eps", -x), ("x0", -x / g ** 2)):
+            m = mm.MLPScore(5, 8, param=param)
+            m.net[-1].weight.zero_()
+            m.net[-1].bias.zero_()
+            assert torch.allclose(m(x, t), want, rtol=1e-5)
 
 
 def test_bad_arguments_are_named():
@@ -122,6 +129,8 @@ def test_bad_arguments_are_named():
         mm.match_subspaces(torch.zeros(2, 4, 2), torch.zeros(3, 4, 2))
     with pytest.raises(ValueError, match="hidden"):
         mm.MLPScore(4, 0)
+    with pytest.raises(ValueError, match="param"):
+        mm.MLPScore(4, 3, param="v")
     with pytest.raises(ValueError, match="n_t"):
         mm.score_errors(mm.MLPScore(4, 3), SubspaceMoG(4, 1, 1, 2), n_t=0)
     with pytest.raises(SystemExit):

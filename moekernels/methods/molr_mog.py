@@ -7,7 +7,9 @@ R^D, L=3 latent modes each (sum_k n_k d_k = 48), D in {64, 256, 1024}, n trainin
 same data and budget (AdamW, cosine LR, EMA; ``moekernels.diffusion.training.train``):
 
 * ``molr``: ``MoLRMoGScore(D, K, L, d)`` (K D d + 2 K L d + K L parameters, learned orthonormal bases), fused op.
-* ``mlp_sim`` / ``mlp_10x``: ``MLPScore`` with about 1x / 10x the MoLR-MoG parameter count.
+* ``mlp_sim`` / ``mlp_10x``: ``MLPScore`` (epsilon prediction with a gamma(t) x skip) with about 1x / 10x the
+  MoLR-MoG parameter count; ``mlpx0_sim`` / ``mlpx0_10x``: the same MLPs predicting s x_0 (score -x/gamma^2 built in).
+* ``molr_randinit``: ``molr`` from random bases (ablation of the K-subspaces initialisation, ``ksubspaces``).
 
 DSM loss: t ~ U[t_min, 1], x_t = s x_0 + gamma eps, loss = mean ||gamma score_theta(x_t, t) + eps||^2 (the
 epsilon-MSE; VP schedule beta 0.1..20). Metrics (fresh test draws, t on a uniform grid of ``n_t_eval`` points in
@@ -59,7 +61,7 @@ __all__ = ["MLPScore", "mlp_hidden_for", "count_parameters", "dsm_loss_fn", "lat
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "models" / "molr_mog"
-SYNTH_MODELS = ("molr", "molr_randinit", "mlp_sim", "mlp_10x")
+SYNTH_MODELS = ("molr", "molr_randinit", "mlp_sim", "mlp_10x", "mlpx0_sim", "mlpx0_10x")
 DIGIT_MODELS = ("mog", "gaussian", "mlp", "mlp_small")
 
 
@@ -69,19 +71,26 @@ def count_parameters(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------------ MLP baseline
 class MLPScore(nn.Module):
-    """MLP score network: eps_hat = gamma(t) x + MLP([x, SE_16(1000 t)]), score = -eps_hat / gamma(t).
+    """MLP score network on h = [x, SE_16(1000 t)] (``n_hidden`` SiLU layers of width ``hidden``), two
+    parametrisations of the epsilon prediction:
 
-    The skip gamma(t) x is the exact epsilon of N(0, I) data under the VP schedule (so the MLP only learns the
-    correction); ``n_hidden`` SiLU layers of width ``hidden``. ``forward(x, t)`` returns the score like
-    ``MoLRMoGScore``; ``predict_eps`` the epsilon prediction.
+    * ``param="eps"``: eps_hat = gamma(t) x + MLP(h). The skip gamma(t) x is the exact epsilon of N(0, I) data
+      under the VP schedule, so the MLP learns the correction.
+    * ``param="x0"``: eps_hat = (x - MLP(h)) / gamma(t), i.e. the MLP predicts s(t) x_0 (data prediction); the
+      -x / gamma^2 part of the score is built in, as in MoLR-MoG.
+
+    ``forward(x, t)`` returns the score -eps_hat / gamma like ``MoLRMoGScore``; ``predict_eps`` the epsilon.
     """
 
-    def __init__(self, dim: int, hidden: int, n_hidden: int = 2, emb: int = 16, schedule: Schedule | None = None):
+    def __init__(self, dim: int, hidden: int, n_hidden: int = 2, emb: int = 16, schedule: Schedule | None = None,
+                 param: str = "eps"):
         super().__init__()
         for name, v in (("dim", dim), ("hidden", hidden), ("n_hidden", n_hidden)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"MLPScore: {name} must be an int >= 1, got {v!r}")
-        self.dim, self.hidden, self.emb = dim, hidden, emb
+        if param not in ("eps", "x0"):
+            raise ValueError(f"MLPScore: param must be 'eps' or 'x0', got {param!r}")
+        self.dim, self.hidden, self.emb, self.param = dim, hidden, emb, param
         self.schedule = schedule if schedule is not None else VPSchedule()
         sizes = [dim + emb] + [hidden] * n_hidden + [dim]
         layers = []
@@ -98,7 +107,8 @@ class MLPScore(nn.Module):
     def predict_eps(self, x: torch.Tensor, t) -> torch.Tensor:
         t = self._t(x, t)
         g = self.schedule.gamma(t).to(x.dtype)[:, None]
-        return g * x + self.net(torch.cat((x, sinusoidal_embedding(t * 1000.0, self.emb)), dim=-1))
+        out = self.net(torch.cat((x, sinusoidal_embedding(t * 1000.0, self.emb)), dim=-1))
+        return g * x + out if self.param == "eps" else (x - out) / g
 
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = self._t(x, t)
@@ -282,7 +292,7 @@ def sample(model: nn.Module, n: int, dim: int, schedule: Schedule | None = None,
 # ------------------------------------------------------------------------------------------------ synthetic runs
 @dataclass
 class SynthConfig:
-    model: str = "molr"                 # molr | molr_randinit (random bases, no K-subspaces) | mlp_sim | mlp_10x
+    model: str = "molr"                 # one of SYNTH_MODELS (molr_randinit: random bases, no K-subspaces)
     dim: int = 256
     n_train: int = 1000
     n_experts: int = 4
@@ -315,10 +325,11 @@ def _synth_model(cfg: SynthConfig, schedule: Schedule, data: torch.Tensor) -> nn
             with torch.no_grad():
                 m.basis_weight.copy_(ksubspaces(data, K, d, generator=g))
         return m
-    if cfg.model in ("mlp_sim", "mlp_10x"):
-        target = MoLRMoGScore(D, K, L, d).num_parameters() * (1 if cfg.model == "mlp_sim" else 10)
+    if cfg.model in ("mlp_sim", "mlp_10x", "mlpx0_sim", "mlpx0_10x"):
+        target = MoLRMoGScore(D, K, L, d).num_parameters() * (1 if cfg.model.endswith("_sim") else 10)
         torch.manual_seed(cfg.seed + 77)
-        return MLPScore(D, mlp_hidden_for(target, D), schedule=schedule)
+        return MLPScore(D, mlp_hidden_for(target, D), schedule=schedule,
+                        param="x0" if cfg.model.startswith("mlpx0") else "eps")
     raise ValueError(f"SynthConfig.model must be one of {SYNTH_MODELS}, got {cfg.model!r}")
 
 
@@ -594,7 +605,7 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
     return "\n".join(lines)
 
 
-SYNTH_ORDER = ("molr", "molr_randinit", "mlp_sim", "mlp_10x")
+SYNTH_ORDER = SYNTH_MODELS
 DIGIT_LABELS = {"mog": "MoG (MoLR-MoG, A = I)", "gaussian": "Gaussian (L = 1)", "mlp": "MLP (width 128)",
                 "mlp_small": "MLP (width 32)"}
 BEGIN, END = "<!-- BEGIN GENERATED: moekernels reproduce molr-mog -->", "<!-- END GENERATED -->"
@@ -621,7 +632,8 @@ def plot_synthetic(synth: list, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colors = {64: "C0", 256: "C1", 1024: "C2"}
-    markers = {"molr": "o-", "molr_randinit": "x:", "mlp_sim": "s--", "mlp_10x": "^--"}
+    markers = {"molr": "o-", "molr_randinit": "x:", "mlp_sim": "s--", "mlp_10x": "^--", "mlpx0_sim": "D--",
+               "mlpx0_10x": "v--"}
     by = {}
     for r in synth:
         c = r["config"]
@@ -647,10 +659,10 @@ def plot_synthetic(synth: list, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-QUICK = {"dims": [64, 256, 1024], "ns": [250, 1000, 4000], "mlp_ns": [4000], "seeds": [0, 1, 2], "steps": 1500,
+QUICK = {"dims": [64, 256, 1024], "ns": [50, 250, 1000, 4000], "mlp_ns": [4000], "seeds": [0, 1, 2], "steps": 1500,
          "ablation": [(256, 1000)], "vae_steps": 1500, "score_steps": 1500, "n_per_class": 100,
          "timing_steps": 300}
-FULL = {"dims": [64, 256, 1024], "ns": [250, 1000, 4000, 16000], "mlp_ns": [250, 1000, 4000, 16000],
+FULL = {"dims": [64, 256, 1024], "ns": [50, 250, 1000, 4000, 16000], "mlp_ns": [250, 1000, 4000, 16000],
         "seeds": [0, 1, 2, 3, 4], "steps": 5000, "ablation": [(64, 1000), (256, 1000), (1024, 1000)],
         "vae_steps": 4000, "score_steps": 5000, "n_per_class": 200, "timing_steps": 1000}
 
@@ -704,7 +716,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     if "synthetic" in args.parts:
         jobs = [("molr", D, n) for D in dims for n in ns]
-        jobs += [(m, D, n) for m in ("mlp_sim", "mlp_10x") for D in dims for n in ns if n in P["mlp_ns"]]
+        jobs += [(m, D, n) for m in ("mlp_sim", "mlp_10x", "mlpx0_sim", "mlpx0_10x") for D in dims for n in ns
+                 if n in P["mlp_ns"]]
         jobs += [("molr_randinit", D, n) for D, n in P["ablation"] if D in dims]
         from tqdm.auto import tqdm
 
