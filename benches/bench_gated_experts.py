@@ -10,6 +10,10 @@ hidden layer of 128 (``--gate-hidden``). Two passes:
   sampling   forward under torch.no_grad() at B=10,000 (--quick: 2,000)
   training   forward + backward at B=256 (--quick: 64): h requires grad in every variant, backward from fixed
              random gradients of (out, gate)
+  sampling-loop  the whole DualDiff sampler: 10,000 points x 100 ancestral steps (--quick: 2,000 x 10), each step
+             = shared input embedding of (x_t, t) -> model -> DDPMScheduler.step; "modules" / "compile" run the two
+             user experts + gate on the embedding, "cpu"/"cuda"/"triton" run DualExpertDenoiser (the method's model
+             on GatedExperts); the floor is the forward floor x steps (the embedding and the step are not in it)
   training-hfixed  the same with h NOT requiring grad (DualDiff: h is a fixed embedding of x_t): the modules and
              the floor skip dh = G W0^T; the fused kernels' contract always computes dh (one GEMM of ~13)
 Variants (float32 unless --dtype):
@@ -199,6 +203,63 @@ def run_shape(name, B, args, device, dtype, train: bool, h_grad: bool = True):
             "skipped": skipped, "check": check}
 
 
+def run_loop(name, B, steps, args, device, dtype):
+    """The full sampling loop, timed end to end (one call = `steps` ancestral steps from N(0, I))."""
+    from moekernels.diffusion.ddpm import DDPMScheduler
+    from moekernels.methods.dualdiff import DualExpertDenoiser
+
+    torch.manual_seed(0)
+    sched = DDPMScheduler(100)
+    sched.set_timesteps(steps)
+    model = DualExpertDenoiser(gate_hidden=args.gate_hidden, backend="eager").to(device, dtype).eval()
+    m = model.experts
+    user = UserDualDiff(m.in_dim, args.hidden, args.out_dim,
+                        args.n_residual, args.gate_hidden).to(device, dtype)
+    user.load_from(m)
+    x0 = torch.randn(B, 2, device=device, dtype=dtype)
+    ts = sched.timesteps.tolist()
+
+    def loop(eps_fn):
+        def run():
+            g = torch.Generator(device=device).manual_seed(0)
+            x = x0
+            with torch.no_grad():
+                for t in ts:
+                    tt = torch.full((B,), t, device=device, dtype=torch.long)
+                    x = sched.step(eps_fn(x, tt), t, x, generator=g)
+            return x
+        return run
+
+    fns, skipped = {}, {}
+    fns["modules"] = loop(lambda x, t: user(model.embed(x, t))[0])
+    cu = torch.compile(user, dynamic=False)
+    fns["compile"] = loop(lambda x, t: cu(model.embed(x, t))[0])
+    for b in fused_backends(device):
+        reasons = dispatch.not_supported_reasons(SPEC, b, {"h": x0.new_empty(B, args.in_dim)})
+        if reasons:
+            skipped[b] = reasons
+            continue
+        def fused(x, t, _b=b):
+            m.backend = _b
+            return model(x, t)
+        fns[b] = loop(fused)
+    fl_f, _ = floor_fns(m, torch.randn(B, args.in_dim, device=device, dtype=dtype), None, None)
+
+    def floor():
+        for _ in ts:
+            fl_f()
+    fns["floor"] = floor
+    check = {}
+    want = fns["modules"]()
+    for v in fns:
+        if v not in ("modules", "compile", "floor"):
+            check[v] = {"max_abs_diff_samples_vs_modules": (fns[v]() - want).abs().max().item()}
+    repeat = args.repeat if args.repeat is not None else 3
+    res = C.bench(fns, device=device, warmup=1, repeat=repeat, min_round_s=0.0)
+    return {"name": name, "B": B, "pass": f"sampling loop ({steps} steps, no_grad)", "h_requires_grad": False,
+            "results": res, "skipped": skipped, "check": check}
+
+
 def table(results):
     rows = []
     for r in results:
@@ -225,7 +286,7 @@ def main(argv=None):
     p.add_argument("--n-residual", type=int, default=3)
     p.add_argument("--gate-hidden", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=(128,),
                    help="comma-separated gate hidden widths (default 128; '' = linear gate)")
-    p.add_argument("--only", choices=("sampling", "training"), default=None)
+    p.add_argument("--only", choices=("sampling", "sampling-loop", "training"), default=None)
     args = p.parse_args(argv)
     device, dtype = args.device, getattr(torch, args.dtype)
     Bt = 64 if args.quick else 256
@@ -233,11 +294,16 @@ def main(argv=None):
               ("training-hfixed", Bt, True, False)]
     results = []
     for name, B, train, h_grad in shapes:
-        if args.only and not name.startswith(args.only):
+        if args.only and (not name.startswith(args.only) or args.only == "sampling-loop"):
             continue
         label = f"{name} B={B}"
         print(f"[bench_gated_experts] {label} ({args.dtype}, {device})", flush=True)
         results.append(run_shape(label, B, args, device, dtype, train, h_grad))
+    if args.only in (None, "sampling-loop"):
+        B, steps = (2000, 10) if args.quick else (10000, 100)
+        label = f"sampling-loop B={B} x {steps} steps"
+        print(f"[bench_gated_experts] {label} ({args.dtype}, {device})", flush=True)
+        results.append(run_loop(label, B, steps, args, device, dtype))
     print()
     print(f"gated_experts (DualDiff expert in={args.in_dim} hidden={args.hidden} res={args.n_residual} "
           f"out={args.out_dim} E=2 gate_hidden={args.gate_hidden}) on {C.device_name(device)} ({args.dtype}, torch "
