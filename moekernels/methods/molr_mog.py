@@ -452,9 +452,15 @@ def run_digits(cfg: DigitsConfig, out_dir: str | os.PathLike | None = None, save
                 "fid_vae_prior_n01": digits_fid(prior),
                 "acc_vae_prior_n01": float((torch.as_tensor(classify(prior)[0]) == ycls).float().mean()),
                 "vae_params": count_parameters(vaes), "latent_scale": scale.tolist()}
-            if ref_path is not None:
-                ref_path.parent.mkdir(parents=True, exist_ok=True)
-                ref_path.write_text(json.dumps(results["reference"], indent=2))
+        ref = results["reference"]
+        if "fid_vae_recon_train" not in ref:  # decoded training latents, same sample size
+            idx = torch.cat([(y == c).nonzero()[:cfg.n_per_class, 0] for c in range(10)])
+            rec = vaes.reconstruct(x[idx], y[idx])
+            ref["fid_vae_recon_train"] = digits_fid(rec)
+            ref["acc_vae_recon_train"] = float((torch.as_tensor(classify(rec)[0]) == y[idx]).float().mean())
+        if ref_path is not None:
+            ref_path.parent.mkdir(parents=True, exist_ok=True)
+            ref_path.write_text(json.dumps(ref, indent=2))
     rows = torch.cat((mu / scale[y, None], log_var - 2 * scale[y, None].log()), 1)
     for kind in cfg.models:
         mpath = None if out is None else out / kind / "metrics.json"
@@ -497,11 +503,19 @@ def run_digits(cfg: DigitsConfig, out_dir: str | os.PathLike | None = None, save
 
 
 # ------------------------------------------------------------------------------------------------ fused vs eager
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # pragma: no cover
+        return None
+
+
 def time_backends(dim: int = 1024, steps: int = 300, batch_size: int = 256, seed: int = 0, n_train: int = 4000,
-                  backends=("auto", "eager")) -> dict:
+                  backends=("auto", "eager"), op_reps: int = 60) -> dict:
     """Per-step training time (forward, backward, AdamW step) of MoLRMoGScore on the synthetic problem with each
-    backend, steps interleaved on identical batches (same run, same machine state). Returns medians (ms) and the
-    ratio eager / auto."""
+    backend, steps interleaved on identical batches (same run, same machine state); then the op alone (forward,
+    forward + backward) ``op_reps`` times per backend. Returns medians (ms) and the ratio eager / auto."""
+    load0 = _loadavg()
     schedule = VPSchedule()
     gen = SubspaceMoG(dim, 4, 3, 4, seed=seed, schedule=schedule)
     data = gen.sample(n_train, seed=seed + 1000).float()
@@ -524,8 +538,29 @@ def time_backends(dim: int = 1024, steps: int = 300, batch_size: int = 256, seed
             opts[b].step()
             times[b].append(time.perf_counter() - t0)
     med = {b: 1000 * statistics.median(times[b][10:]) for b in backends}
-    out = {"dim": dim, "steps": steps, "batch_size": batch_size, "median_ms": med,
-           "torch_threads": torch.get_num_threads()}
+    # the op alone on one batch (fixed A, per-row t): forward without grad, and forward + backward
+    from moekernels.ops.molr_mog_score import molr_mog_score
+
+    m0 = models[backends[0]]
+    x = data[:batch_size]
+    tt = 1e-2 + (1 - 1e-2) * torch.rand(batch_size, generator=g)
+    s_, g_ = schedule(tt)
+    A = m0.basis().detach().requires_grad_(True)
+    mu, lv, lp = (p.detach().requires_grad_(True) for p in (m0.mu, m0.log_var, m0.log_pi))
+    op = {b: {"forward": [], "forward_backward": []} for b in backends}
+    for i in range(op_reps):
+        for b in (backends if i % 2 == 0 else backends[::-1]):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                molr_mog_score(x, s_, g_, A, mu, lv, lp, backend=b)
+            t1 = time.perf_counter()
+            molr_mog_score(x, s_, g_, A, mu, lv, lp, backend=b).backward(x)
+            t2 = time.perf_counter()
+            op[b]["forward"].append(t1 - t0)
+            op[b]["forward_backward"].append(t2 - t1)
+    op_med = {b: {k: 1000 * statistics.median(v[5:]) for k, v in op[b].items()} for b in backends}
+    out = {"dim": dim, "steps": steps, "batch_size": batch_size, "median_ms": med, "op_median_ms": op_med,
+           "torch_threads": torch.get_num_threads(), "loadavg_start": load0, "loadavg_end": _loadavg()}
     if "auto" in med and "eager" in med:
         out["eager_over_auto"] = med["eager"] / med["auto"]
         out["saved_fraction"] = 1 - med["auto"] / med["eager"]
@@ -573,6 +608,9 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
                                ("fid_real_train", "FID real train split (1,437 images)"),
                                ("fid_real_test", "FID real test split (360 images)"),
                                ("fid_vae_recon_test", "FID of VAE reconstructions of the test split (360)"),
+                               ("fid_vae_recon_train", "FID of VAE reconstructions of n-per-class train images "
+                                "(same sample size as the models; = a latent prior that reproduces the training latents)"),
+                               ("acc_vae_recon_train", "class accuracy of those reconstructions"),
                                ("fid_vae_prior_n01", "FID decoding z ~ N(0, scale^2 I) per class (VAE prior)"),
                                ("acc_vae_prior_n01", "class accuracy of the VAE-prior samples"),
                                ("vae_train_time_s", "VAE training time, s (10 VAEs)")):
@@ -599,7 +637,14 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
                   f"interleaved steps (forward + backward + AdamW), {timing['torch_threads']} thread(s): median "
                   f"{med['auto']:.2f} ms (auto = fused CPU kernel) vs {med['eager']:.2f} ms (eager); eager/auto = "
                   f"{timing['eager_over_auto']:.2f}x, i.e. the fused op saves {100 * timing['saved_fraction']:.0f}% "
-                  f"of the training step time.", ""]
+                  f"of the training step time."]
+        if "op_median_ms" in timing:
+            o = timing["op_median_ms"]
+            lines += ["", f"The op alone on one batch (same shapes): forward {o['auto']['forward']:.2f} ms (auto) vs "
+                      f"{o['eager']['forward']:.2f} ms (eager); forward + backward {o['auto']['forward_backward']:.2f}"
+                      f" ms vs {o['eager']['forward_backward']:.2f} ms. Load average (1 min) of the 2-core machine "
+                      f"at start / end: {timing.get('loadavg_start')} / {timing.get('loadavg_end')}."]
+        lines.append("")
     if command:
         lines += [f"Command: `{command}`", ""]
     return "\n".join(lines)
@@ -755,7 +800,8 @@ def main(argv=None) -> int:
                                                             for k, v in res.items() if k != "reference"), flush=True)
     if "timing" in args.parts:
         tpath = out / "backend_timing.json"
-        if tpath.exists() and not args.fresh and json.loads(tpath.read_text()).get("steps") == P["timing_steps"]:
+        if tpath.exists() and not args.fresh and json.loads(tpath.read_text()).get("steps") == P["timing_steps"] \
+                and "op_median_ms" in json.loads(tpath.read_text()):
             timing = json.loads(tpath.read_text())
         else:
             timing = time_backends(1024, P["timing_steps"])
