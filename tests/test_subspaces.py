@@ -5,6 +5,7 @@ import torch
 
 from moekernels.data.subspaces import SubspaceMoG, random_orthonormal_bases
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny ops: one thread (no oversubscription on a shared machine); restored afterwards."""

@@ -4,6 +4,7 @@ import torch
 
 from moekernels.nn.vae import VAE, ClassVAEs, train_vae, train_vaes
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny ops: one thread (no oversubscription on a shared machine); restored afterwards."""
@@ -53,7 +54,7 @@ def test_class_vaes_route_rows_to_their_class():
     y = torch.cat((torch.zeros(128, dtype=torch.long), torch.ones(128, dtype=torch.long)))
     vaes = ClassVAEs(2, 16, 3, hidden=(32, 16))
     train_vaes(vaes, x, y, steps=150, batch_size=64, lr=3e-3)
-    mu, log_var = vaes.encode(x, y)
+    mu, _log_var = vaes.encode(x, y)
     with torch.no_grad():
         assert torch.allclose(mu[:5], vaes[0].encode(x[:5])[0])
         assert torch.allclose(mu[-5:], vaes[1].encode(x[-5:])[0])

@@ -101,7 +101,7 @@ class SubspaceMoG:
             raise ValueError(f"SubspaceMoG.sample: n must be an int >= 1, got {n!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
-        K, L, d = self.mu.shape
+        _K, L, d = self.mu.shape
         idx = torch.multinomial(self.pi.reshape(-1).double(), n, replacement=True, generator=generator)
         k, l = idx // L, idx % L
         eps = torch.randn(n, d, generator=generator, dtype=torch.float64)
@@ -142,7 +142,7 @@ class SubspaceMoG:
         else:
             s_rows, g_rows = s.expand(B) if s.numel() == 1 else s, g.expand(B) if g.numel() == 1 else g
         A, mu, var, logpi = self.A.double(), self.mu.double(), self.var.double(), self.pi.double().log()
-        K, L, d = mu.shape
+        K, L, _d = mu.shape
         eye = torch.eye(D, dtype=torch.float64)
         out = torch.empty(B, K * L, dtype=torch.float64)
         for b in torch.unique(torch.stack((s_rows, g_rows), 1), dim=0):  # group rows by their time

@@ -42,7 +42,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,9 +55,26 @@ from moekernels.diffusion.schedules import Schedule, VPSchedule
 from moekernels.diffusion.training import TrainConfig, train
 from moekernels.nn.molr import MoLRMoGScore
 
-__all__ = ["MLPScore", "mlp_hidden_for", "count_parameters", "dsm_loss_fn", "latent_dsm_loss_fn", "score_errors",
-           "principal_angles", "match_subspaces", "ksubspaces", "sample", "SynthConfig", "run_synthetic", "DigitsConfig",
-           "run_digits", "time_backends", "main", "build_parser", "summarize"]
+__all__ = [
+    "DigitsConfig",
+    "MLPScore",
+    "SynthConfig",
+    "build_parser",
+    "count_parameters",
+    "dsm_loss_fn",
+    "ksubspaces",
+    "latent_dsm_loss_fn",
+    "main",
+    "match_subspaces",
+    "mlp_hidden_for",
+    "principal_angles",
+    "run_digits",
+    "run_synthetic",
+    "sample",
+    "score_errors",
+    "summarize",
+    "time_backends",
+]
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "models" / "molr_mog"
@@ -486,7 +503,7 @@ def run_digits(cfg: DigitsConfig, out_dir: str | os.PathLike | None = None, save
             sample_s += time.perf_counter() - t0
         xs = torch.cat(samples)
         ycls = torch.arange(10).repeat_interleave(cfg.n_per_class)
-        labels, hist = classify(xs)
+        labels, _hist = classify(xs)
         m = {"model": kind, "seed": cfg.seed, "n_params_total": n_params, "n_params_per_class": n_params // 10,
              "train_time_s": train_s, "sample_time_s": sample_s, "fid": digits_fid(xs),
              "class_accuracy": float((torch.as_tensor(labels) == ycls).float().mean()),
@@ -581,10 +598,10 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
     """Markdown tables (mean ± sample std over seeds) of the synthetic runs, the digits runs and the backend timing."""
     lines = []
     if synth:
-        lines += ["### Synthetic MoLR-MoG (K=4 subspaces, L=3 modes, d=4: sum_k n_k d_k = 48): score error vs the "
-                  "exact score", "",
-                  "| model | D | n | params | seeds | rel. L2 score error (mean over t) | excess eps-MSE (mean over t) "
-                  "| max principal angle, deg (mean of K) | rel. L2 at init | train s | ms/step |",
+        lines += [("### Synthetic MoLR-MoG (K=4 subspaces, L=3 modes, d=4: sum_k n_k d_k = 48): score error vs the "
+                  "exact score"), "",
+                  ("| model | D | n | params | seeds | rel. L2 score error (mean over t) | excess eps-MSE (mean over t) "
+                  "| max principal angle, deg (mean of K) | rel. L2 at init | train s | ms/step |"),
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         by = {}
         for r in synth:
@@ -608,8 +625,8 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
                                ("fid_real_train", "FID real train split (1,437 images)"),
                                ("fid_real_test", "FID real test split (360 images)"),
                                ("fid_vae_recon_test", "FID of VAE reconstructions of the test split (360)"),
-                               ("fid_vae_recon_train", "FID of VAE reconstructions of n-per-class train images "
-                                "(same sample size as the models; = a latent prior that reproduces the training latents)"),
+                               ("fid_vae_recon_train", ("FID of VAE reconstructions of n-per-class train images "
+                                "(same sample size as the models; = a latent prior that reproduces the training latents)")),
                                ("acc_vae_recon_train", "class accuracy of those reconstructions"),
                                ("fid_vae_prior_n01", "FID decoding z ~ N(0, scale^2 I) per class (VAE prior)"),
                                ("acc_vae_prior_n01", "class accuracy of the VAE-prior samples"),
@@ -618,8 +635,8 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
             lines.append("")
         rows = [r for r in digits if r.get("model") != "reference"]
         lines += ["### MoE-latent digits: latent score networks on the same per-class VAEs", "",
-                  "| latent score network | params (10 classes) | seeds | FID (classifier features) | class accuracy | "
-                  "train s | sampling s |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  ("| latent score network | params (10 classes) | seeds | FID (classifier features) | class accuracy | "
+                  "train s | sampling s |"), "|---|---:|---:|---:|---:|---:|---:|"]
         by = {}
         for r in rows:
             by.setdefault(r["model"], []).append(r)
@@ -633,17 +650,17 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
     if timing:
         med = timing["median_ms"]
         lines += ["### Training step time, fused op (backend auto) vs eager", "",
-                  f"MoLRMoGScore D={timing['dim']}, K=4, L=3, d=4, batch {timing['batch_size']}, {timing['steps']} "
+                  (f"MoLRMoGScore D={timing['dim']}, K=4, L=3, d=4, batch {timing['batch_size']}, {timing['steps']} "
                   f"interleaved steps (forward + backward + AdamW), {timing['torch_threads']} thread(s): median "
                   f"{med['auto']:.2f} ms (auto = fused CPU kernel) vs {med['eager']:.2f} ms (eager); eager/auto = "
                   f"{timing['eager_over_auto']:.2f}x, i.e. the fused op saves {100 * timing['saved_fraction']:.0f}% "
-                  f"of the training step time."]
+                  f"of the training step time.")]
         if "op_median_ms" in timing:
             o = timing["op_median_ms"]
-            lines += ["", f"The op alone on one batch (same shapes): forward {o['auto']['forward']:.2f} ms (auto) vs "
+            lines += ["", (f"The op alone on one batch (same shapes): forward {o['auto']['forward']:.2f} ms (auto) vs "
                       f"{o['eager']['forward']:.2f} ms (eager); forward + backward {o['auto']['forward_backward']:.2f}"
                       f" ms vs {o['eager']['forward_backward']:.2f} ms. Load average (1 min) of the 2-core machine "
-                      f"at start / end: {timing.get('loadavg_start')} / {timing.get('loadavg_end')}."]
+                      f"at start / end: {timing.get('loadavg_start')} / {timing.get('loadavg_end')}.")]
         lines.append("")
     if command:
         lines += [f"Command: `{command}`", ""]
