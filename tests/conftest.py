@@ -15,6 +15,16 @@ def _seed():
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny ops (no oversubscription on a shared machine); restored afterwards.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def backend_or_skip(spec, backend, tensors):
     """Skip (with the dispatcher's own reasons) when ``backend`` cannot run ``tensors``."""
     from moekernels.ops.dispatch import not_supported_reasons

@@ -10,13 +10,7 @@ from moekernels.methods import molr_mog as mm
 from moekernels.nn.molr import MoLRMoGScore
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread (no oversubscription on a shared machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _exact_model(gen):

@@ -6,13 +6,7 @@ import torch
 from moekernels.data.subspaces import SubspaceMoG, random_orthonormal_bases
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread (no oversubscription on a shared machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -5,13 +5,7 @@ import torch
 from moekernels.nn.vae import VAE, ClassVAEs, train_vae, train_vaes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops: one thread (no oversubscription on a shared machine); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

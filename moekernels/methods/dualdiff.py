@@ -56,6 +56,7 @@ from moekernels.diffusion.ddpm import DDPMScheduler
 from moekernels.diffusion.embeddings import SinusoidalEmbedding
 from moekernels.diffusion.training import TrainConfig, train
 from moekernels.metrics.knn import knn_kl_divergence
+from moekernels.methods._results import begin_marker, load_recipe, write_generated
 
 __all__ = ["BaselineDenoiser", "DualExpertDenoiser", "VariantConfig", "VARIANTS", "PUBLISHED", "TARGETS",
            "build_model", "diversity_loss", "make_loss_fn", "eval_loss", "sample", "run_one", "main",
@@ -450,34 +451,15 @@ def summarize(rows: list, command: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- BEGIN GENERATED: moekernels reproduce dualdiff -->", "<!-- END GENERATED -->"
+BEGIN = begin_marker("moekernels reproduce dualdiff")
 
 
 def write_results(path: Path, table: str) -> None:
-    """Replace the generated block of ``path`` (between the BEGIN/END markers) with ``table``."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{table}{END}"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text + ("\n" if text else "") + block + "\n"
-    path.write_text(text)
+    """Replace the generated block of ``path`` with ``table``."""
+    write_generated(path, table, BEGIN)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _load_recipe(path: Path | None) -> dict:
-    if path is None or not path.exists():
-        return {}
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11
-        try:
-            import tomli as tomllib
-        except ImportError:
-            return {}
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 def build_parser(prog: str = "moekernels reproduce dualdiff") -> argparse.ArgumentParser:
@@ -508,7 +490,7 @@ def build_parser(prog: str = "moekernels reproduce dualdiff") -> argparse.Argume
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = _load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     run = recipe.get("run", {})
     tr = recipe.get("train", {})
     datasets = args.datasets or run.get("datasets", sorted(DATASETS))

@@ -53,6 +53,7 @@ from moekernels.data.subspaces import SubspaceMoG
 from moekernels.diffusion.embeddings import sinusoidal_embedding
 from moekernels.diffusion.schedules import Schedule, VPSchedule
 from moekernels.diffusion.training import TrainConfig, train
+from moekernels.methods._results import begin_marker, write_generated
 from moekernels.nn.molr import MoLRMoGScore
 
 __all__ = [
@@ -670,19 +671,12 @@ def summarize(synth: list, digits: list, timing: dict | None, command: str = "")
 SYNTH_ORDER = SYNTH_MODELS
 DIGIT_LABELS = {"mog": "MoG (MoLR-MoG, A = I)", "gaussian": "Gaussian (L = 1)", "mlp": "MLP (width 128)",
                 "mlp_small": "MLP (width 32)"}
-BEGIN, END = "<!-- BEGIN GENERATED: moekernels reproduce molr-mog -->", "<!-- END GENERATED -->"
+BEGIN = begin_marker("moekernels reproduce molr-mog")
 
 
 def write_results(path: Path, table: str) -> None:
-    """Replace the generated block of ``path`` (between the BEGIN/END markers) with ``table``."""
-    text = path.read_text() if path.exists() else ""
-    block = f"{BEGIN}\n{table}{END}"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + block + text[b:]
-    else:
-        text = text + ("\n" if text else "") + block + "\n"
-    path.write_text(text)
+    """Replace the generated block of ``path`` with ``table``."""
+    write_generated(path, table, BEGIN)
 
 
 def plot_synthetic(synth: list, path: Path) -> None:
