@@ -540,7 +540,7 @@ def summarize(rows: list) -> str:
                 "sampler), against the data-side value D + E||x_0 - c_k(x_0)||^2 and the analytic reduction "
                 "sum_k p_k ||c_k||^2:", "",
                 "| method | empirical effort | data-side analytic | empirical reduction vs standard | "
-                "analytic reduction sum p_k ||c_k||^2 |", "|---|---:|---:|---:|---:|"]
+                "analytic reduction Σ p_k ‖c_k‖² |", "|---|---:|---:|---:|---:|"]
         for meth in METHODS:
             rs = by.get((ds, meth, 1.0), [])
             if not rs:
@@ -615,6 +615,8 @@ def save_plots(rows: list, runs: Path, out: Path) -> list:
             ax.axhline(drows[0]["floor_" + metric], color="k", lw=0.8, ls=":", label="true-sample floor")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks([b * full for b in budgets], [str(int(round(b * full))) for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("training steps")
         ax.set_title(f"{ds}: {METRIC_NAME[metric]}", fontsize=9)
     axes[0][0].legend(fontsize=6)
