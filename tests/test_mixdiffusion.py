@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(1)  # small tensors: more threads only contend on a shared machine
-
 from moekernels.diffusion.ddpm import DDPMScheduler
 from moekernels.diffusion.schedules import VPSchedule
 from moekernels.methods.mixdiffusion import EpsMLP, MixDDPM, MixSGM, RunConfig, build_model, main
 from moekernels.metrics.wasserstein import wasserstein_1d
 from moekernels.nn import MixturePrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CENTRES = torch.tensor([[-4.0, 1.0], [3.0, 2.0], [0.5, -5.0]])
 WEIGHTS = torch.tensor([0.5, 0.3, 0.2])
@@ -138,7 +138,6 @@ def test_exact_eps_recovers_the_data(kind):
 
 
 def test_training_loss_decreases():
-    torch.set_num_threads(1)
     cfg = RunConfig(dataset="sep1d", method="mixddpm+k", hidden=64, n_residual=1, time_emb=16, n_data=2000)
     from moekernels.data.gmm import get_gmm
     from moekernels.diffusion.training import TrainConfig, train

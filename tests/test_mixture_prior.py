@@ -2,8 +2,6 @@
 import numpy as np
 import pytest
 import torch
-
-torch.set_num_threads(1)
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans
@@ -11,6 +9,8 @@ from sklearn.mixture import GaussianMixture
 
 from moekernels.data.gmm import GMM_DATASETS, sample_gmm
 from moekernels.nn import MixturePrior
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def same_partition(a, b):

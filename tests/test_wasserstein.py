@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-torch.set_num_threads(1)
 from scipy.stats import wasserstein_distance
 
 from moekernels.metrics.wasserstein import mode_coverage, sliced_wasserstein, wasserstein_1d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("n,m", [(37, 53), (100, 100), (1, 7)])

@@ -42,6 +42,7 @@ from moekernels.diffusion.embeddings import sinusoidal_embedding
 from moekernels.diffusion.schedules import VPSchedule
 from moekernels.diffusion.sde import probability_flow_sample, reverse_sde_sample
 from moekernels.diffusion.training import TrainConfig, train
+from moekernels.methods._results import begin_marker, load_recipe, write_generated
 from moekernels.nn.mixture_prior import MixturePrior
 
 __all__ = ["EpsMLP", "ExactGMMEps", "oracle_rows", "MixDDPM", "MixSGM", "METHODS", "DATASETS", "RunConfig", "run_one", "build_model",
@@ -566,21 +567,8 @@ def summarize(rows: list) -> str:
     return "\n".join(out) + "\n"
 
 
-BEGIN, END = "<!-- BEGIN GENERATED: moekernels reproduce mixdiffusion -->", "<!-- END GENERATED -->"
-ORACLE_BEGIN = "<!-- BEGIN GENERATED: moekernels reproduce mixdiffusion --oracle -->"
-
-
-def write_results(path: Path, text: str, begin: str = BEGIN) -> None:
-    """Replace the generated block of ``path`` (between ``begin`` and the next END marker) with ``text``."""
-    old = path.read_text() if path.exists() else ""
-    block = f"{begin}\n{text}{END}"
-    if begin in old and END in old[old.index(begin):]:
-        a = old.index(begin)
-        b = old.index(END, a) + len(END)
-        old = old[:a] + block + old[b:]
-    else:
-        old = old + ("\n" if old else "") + block + "\n"
-    path.write_text(old)
+BEGIN = begin_marker("moekernels reproduce mixdiffusion")
+ORACLE_BEGIN = begin_marker("moekernels reproduce mixdiffusion --oracle")
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -676,15 +664,6 @@ def save_plots(rows: list, runs: Path, out: Path) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _load_recipe(path: Path | None) -> dict:
-    if path is None or not Path(path).exists():
-        return {}
-    import tomllib
-
-    with open(path, "rb") as f:
-        return tomllib.load(f)
-
-
 def build_parser(prog: str = "moekernels reproduce mixdiffusion") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="DDPM vs mixDDPM and SGM vs mixSGM (Gaussian-mixture prior + "
                                 "dispatcher) at reduced training budgets on synthetic mixtures and the 8x8 digits; "
@@ -728,7 +707,7 @@ def _floor(cfg: RunConfig) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    recipe = _load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     run = recipe.get("run", {})
     datasets = args.datasets or run.get("datasets", list(DATASETS))
     methods = args.methods or run.get("methods", list(METHODS))
@@ -768,7 +747,7 @@ def main(argv=None) -> int:
         text = oracle_table(rows)
         print(text)
         if args.results is not None:
-            write_results(args.results, text, ORACLE_BEGIN)
+            write_generated(args.results, text, ORACLE_BEGIN)
         return 0
     floors = {}
     for cfg in tqdm(todo, desc="mixdiffusion runs", disable=args.no_progress or args.summary_only):
@@ -796,7 +775,7 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text(text)
     print(text)
     if args.results is not None:
-        write_results(args.results, text)
+        write_generated(args.results, text, BEGIN)
     if not args.no_plots:
         for pth in save_plots(rows, args.out, args.out.parent):
             print(f"wrote {pth}")
