@@ -204,6 +204,13 @@ def test_main_writes_metrics_plots_and_results(tmp_path):
              "--n-data", "2000", "--sampling-steps", "10",
              "--results", str(results), "--recipe", str(tmp_path / "none.toml")])  # reuses the finished run
     assert results.read_text().count(dd.BEGIN) == 1
+    # --table-only: seed 1 was never run, so it is listed as missing and nothing is trained
+    dd.main(["--datasets", "line", "--variants", "baseline", "--seeds", "0", "1", "--steps", "20", "--batch-size",
+             "32", "--n-samples", "200", "--out", str(tmp_path / "runs"), "--no-progress", "--n-data", "2000",
+             "--sampling-steps", "10", "--table-only", "--results", str(results),
+             "--recipe", str(tmp_path / "none.toml")])
+    assert not (tmp_path / "runs" / "baseline" / "line" / "seed1").exists()
+    assert "| baseline | line | 296,450 | 1 |" in results.read_text()
 
 
 def test_discrete_schedule_is_the_ddpm_noising():
