@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from moekernels.diffusion.ddpm import DDPMScheduler
-from moekernels.diffusion.schedules import VPSchedule
-from moekernels.methods.mixdiffusion import EpsMLP, MixDDPM, MixSGM, RunConfig, build_model, main
+from moekernels.diffusion.schedules import DiscreteSchedule, Schedule, VESchedule, VPSchedule
+from moekernels.diffusion.sde import probability_flow_sample, reverse_sde_sample, sde_coefficients
+from moekernels.methods.mixdiffusion import EpsMLP, ExactGMMEps, MixDDPM, MixSGM, RunConfig, build_model, main
 from moekernels.metrics.wasserstein import wasserstein_1d
 from moekernels.nn import MixturePrior
 
@@ -29,20 +30,6 @@ def given_prior(centres=CENTRES, weights=WEIGHTS):
 class ZeroEps(EpsMLP):
     def forward(self, x, t, k=None):
         return torch.zeros_like(x)
-
-
-class ExactEps(EpsMLP):
-    """The exact eps of data N(mu_k, sd^2) per component, recentred on c_k: schedule given as (s(t), gamma(t))."""
-
-    def __init__(self, mu, sd, centres, s_gamma):
-        super().__init__(mu.shape[1], hidden=4, n_residual=0, time_emb=4, n_components=len(mu))
-        self.mu, self.sd, self.c, self.s_gamma = mu, sd, centres, s_gamma
-
-    def forward(self, x, t, k=None):
-        s, g = self.s_gamma(t)
-        s, g = s.reshape(-1, 1).to(x), g.reshape(-1, 1).to(x)
-        y, m = x - self.c[k], self.mu[k] - self.c[k]
-        return g * (y - s * m) / (s ** 2 * self.sd[k, None] ** 2 + g ** 2)
 
 
 @pytest.mark.parametrize("kind", ["ddpm", "sgm"])
@@ -71,7 +58,8 @@ def test_recentred_forward_marginals(kind):
         np.testing.assert_allclose(xt.mean(0).numpy(), mean.numpy(), atol=4 * (1 - ab) ** 0.5 / n ** 0.5 + 1e-12)
         np.testing.assert_allclose(xt.var(0).numpy(), [1 - ab] * 2, rtol=0.03, atol=1e-12)
     # at the end of the forward process the marginal is N(c_k, I)
-    assert float((mean - c).norm()) < 0.05
+    np.testing.assert_allclose(xt.mean(0).numpy(), c.numpy(), atol=0.05)
+    np.testing.assert_allclose(xt.var(0).numpy(), [1.0, 1.0], rtol=0.03)
 
 
 def test_zero_model_ddpm_sample_has_the_prior_statistics():
@@ -122,11 +110,11 @@ def test_exact_eps_recovers_the_data(kind):
     if kind == "ddpm":
         sched = DDPMScheduler(1000, 1e-4, 0.02)  # the standard DDPM schedule: fixed-small variance is accurate
         ab = sched.alphas_cumprod
-        net = ExactEps(mu, sd, centres, lambda t: (ab[t].sqrt(), (1 - ab[t]).sqrt()))
+        net = ExactGMMEps(mu, sd, w, prior, lambda t: (ab[t].sqrt(), (1 - ab[t]).sqrt()))
         x, _, k = MixDDPM(net, prior, sched, condition_on_k=True).sample(4000, generator=g, return_start=True)
     else:
         sched = VPSchedule(0.1, 20.0)
-        net = ExactEps(mu, sd, centres, lambda t: (sched.s(t.double()), sched.gamma(t.double())))
+        net = ExactGMMEps(mu, sd, w, prior, lambda t: (sched.s(t.double()), sched.gamma(t.double())))
         x, _, k = MixSGM(net, prior, sched, condition_on_k=True, time_scale=1.0).sample(
             4000, generator=g, n_steps=200, sampler=kind, return_start=True)
     ref = torch.randn(20000, 1, generator=torch.Generator().manual_seed(5))
@@ -181,9 +169,62 @@ def test_bad_arguments_name_the_argument():
         MixDDPM(EpsMLP(2), prior, VPSchedule())
     with pytest.raises(ValueError, match="sampler"):
         MixSGM(EpsMLP(2), prior).sample(4, sampler="heun")
+    with pytest.raises(ValueError, match="time_scale"):
+        MixSGM(EpsMLP(2), prior, time_scale=0.0)
+    oracle = ExactGMMEps(CENTRES[:2], torch.ones(2), torch.ones(2) / 2, prior,
+                         lambda t: (torch.ones(()), torch.ones(())))  # data components at c_0 and c_1 only
+    assert torch.isfinite(oracle(torch.zeros(3, 2), torch.zeros(3), torch.tensor([0, 1, 1]))).all()
+    with pytest.raises(ValueError, match=r"prior component\(s\) \[2\]"):
+        oracle(torch.zeros(3, 2), torch.zeros(3), torch.tensor([0, 2, 1]))
     with pytest.raises(ValueError, match="pass k"):
         EpsMLP(2, n_components=3)(torch.zeros(4, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="method"):
         build_model(RunConfig(method="ddim"), torch.zeros(10, 2))
     with pytest.raises(SystemExit, match="--budgets"):
         main(["--budgets", "2", "--no-plots"])
+    with pytest.raises(SystemExit, match="--n-samples"):
+        main(["--n-samples", "0", "--no-plots"])
+
+
+class _VPByHand(Schedule):
+    """VP (beta 0.1..20) written out, not a VPSchedule: ``sde_coefficients`` takes its finite-difference path."""
+
+    def s(self, t):
+        return float(np.exp(-0.5 * (0.1 * t + 9.95 * t * t)))
+
+    def gamma(self, t):
+        return float(np.sqrt(-np.expm1(-(0.1 * t + 9.95 * t * t))))
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_sde_coefficients(t):
+    # VP: f = -beta / 2, g^2 = beta with beta(t) = 0.1 + 19.9 t; VE: f = 0, g^2 = d sigma^2 / dt = 2 log(r) sigma^2
+    beta = 0.1 + 19.9 * t
+    assert sde_coefficients(VPSchedule(0.1, 20.0), t) == pytest.approx((-beta / 2, beta), rel=1e-12)
+    f, g2 = sde_coefficients(_VPByHand(), t)
+    assert f == pytest.approx(-beta / 2, rel=1e-5) and g2 == pytest.approx(beta, rel=1e-5)
+    ve = VESchedule(0.01, 50.0)
+    f, g2 = sde_coefficients(ve, t)
+    assert abs(f) < 1e-9 and g2 == pytest.approx(2 * np.log(5000.0) * ve.gamma(t) ** 2, rel=1e-6)
+    with pytest.raises(ValueError, match="t must"):
+        sde_coefficients(ve, t + 1.5)
+
+
+def test_sde_samplers_bad_arguments_name_the_argument():
+    def model(x, t):
+        return torch.zeros_like(x)
+
+    x = torch.zeros(4, 2)
+    for fn in (reverse_sde_sample, probability_flow_sample):
+        with pytest.raises(ValueError, match="n_steps"):
+            fn(model, VPSchedule(), x, n_steps=0)
+        with pytest.raises(ValueError, match="t_min"):
+            fn(model, VPSchedule(), x, t_min=1.0)
+        with pytest.raises(ValueError, match="prediction"):
+            fn(model, VPSchedule(), x, prediction="v")
+        with pytest.raises(ValueError, match="center"):
+            fn(model, VPSchedule(), x, center=torch.zeros(3, 4, 2))
+        with pytest.raises(ValueError, match="continuous-time"):
+            fn(model, DiscreteSchedule(DDPMScheduler(10).alphas_cumprod), x)
+        with pytest.raises(ValueError, match="x_T"):
+            fn(model, VPSchedule(), torch.zeros(4, 2, dtype=torch.long))

@@ -7,7 +7,7 @@ from scipy.stats import multivariate_normal
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
-from moekernels.data.gmm import GMM_DATASETS, sample_gmm
+from moekernels.data.gmm import GMM_DATASETS, gmm_log_prob, sample_gmm
 from moekernels.nn import MixturePrior
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,9 +39,11 @@ def test_dispatch_matches_sklearn(name):
 def test_soft_dispatch_draws_from_the_posterior():
     x, _ = sample_gmm(GMM_DATASETS["sep1d"], 2000, seed=2)
     prior = MixturePrior(4, 1, hard=False).fit(x, generator=torch.Generator().manual_seed(0))
-    mid = torch.full((4000, 1), float(prior.centres[:2, 0].mean()))  # half way between two centres
+    c = prior.centres[:, 0].sort().values
+    mid = torch.full((4000, 1), float(c[:2].mean()))  # half way between two neighbouring centres
     k = prior.dispatch(mid, generator=torch.Generator().manual_seed(1))
     r = prior.dispatcher.responsibilities(mid[:1])[0].detach()
+    assert (r > 0.1).sum() == 2, r  # an ambiguous point: the argmax would give one component every time
     frac = torch.bincount(k, minlength=4).double() / len(k)
     np.testing.assert_allclose(frac.numpy(), r.double().numpy(), atol=0.03)
 
@@ -107,3 +109,21 @@ def test_bad_arguments_name_the_argument():
         prior.centres_of(torch.tensor([0.5]))
     with pytest.raises(ValueError, match="D = dim = 2"):
         prior.dispatch(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("name", sorted(GMM_DATASETS))
+def test_gmm_sets_log_prob_and_separation(name):
+    spec = GMM_DATASETS[name]
+    means, stds, weights = spec.arrays()
+    x, comp = sample_gmm(spec, 400, seed=6, dtype=torch.float64)
+    ref = logsumexp([np.log(weights[j]) + multivariate_normal(means[j], stds[j] ** 2 * np.eye(spec.dim)).logpdf(x.numpy())
+                     for j in range(spec.n_components)], axis=0)
+    np.testing.assert_allclose(gmm_log_prob(spec, x).numpy(), ref.reshape(-1), rtol=1e-10, atol=1e-10)
+    # the module docstring: modes more than 10 std apart; the draws' components have the spec's weights
+    d = np.linalg.norm(means[:, None] - means[None], axis=-1) + np.diag([np.inf] * spec.n_components)
+    assert d.min() > 10 * stds.max()
+    np.testing.assert_allclose(np.bincount(comp.numpy(), minlength=spec.n_components) / 400, weights, atol=0.08)
+    with pytest.raises(ValueError, match="x must be"):
+        gmm_log_prob(spec, torch.zeros(3, spec.dim + 1))
+    with pytest.raises(ValueError, match="spec must"):
+        gmm_log_prob(name, x)

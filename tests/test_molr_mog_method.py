@@ -31,6 +31,29 @@ def test_score_errors_zero_for_the_true_parameters():
     assert len(err["rel_l2"]) == 4 and err["t"][0] == pytest.approx(1e-2) and err["t"][-1] == pytest.approx(1.0)
 
 
+class _Scaled(torch.nn.Module):
+    """c times the true score: the relative L2 error is |c - 1| at every t, the excess eps-MSE (c - 1)^2 E||g s*||^2."""
+
+    def __init__(self, gen, c):
+        super().__init__()
+        self.gen, self.c = gen, c
+
+    def forward(self, x, t):
+        return self.c * self.gen.score(x, t)
+
+
+def test_score_errors_of_a_known_wrong_score():
+    gen = SubspaceMoG(12, 2, 2, 3, seed=1)
+    half = mm.score_errors(_Scaled(gen, 1.5), gen, n_eval=64, n_t=4, dtype=torch.float64)
+    zero = mm.score_errors(_Scaled(gen, 0.0), gen, n_eval=64, n_t=4, dtype=torch.float64)
+    for r in half["rel_l2"]:
+        assert r == pytest.approx(0.5, rel=1e-12)
+    assert zero["rel_l2_mean"] == pytest.approx(1.0, rel=1e-12)
+    # same draws (same seed): the zero model's excess eps-MSE is gamma^2 E||s*||^2, 4x that of the 1.5x model
+    for a, b in zip(zero["eps_mse"], half["eps_mse"]):
+        assert a == pytest.approx(4 * b, rel=1e-12) and a > 0
+
+
 @pytest.mark.parametrize("model", ["molr", "mlp_sim"])
 def test_short_training_reduces_the_score_error(model):
     cfg = mm.SynthConfig(model=model, dim=16, n_train=256, n_experts=2, n_components=2, latent_dim=2, steps=300,
@@ -93,15 +116,14 @@ def test_mlp_score_and_parameter_matching():
     x, t = torch.randn(4, 5), torch.rand(4) * 0.9 + 0.05
     g = VPSchedule().gamma(t)[:, None]
     for param in ("eps", "x0"):
-        m = mm.MLPScore(5, 8, param=param)
-        assert torch.allclose(m(x, t), -m.predict_eps(x, t) / g)
-        assert m(x, 0.5).shape == (4, 5)
+        assert mm.MLPScore(5, 8, param=param)(x, 0.5).shape == (4, 5)
     with torch.no_grad():  # zero output layer: score = -x (eps: the N(0, I) score) / -x / gamma^2 (x0)
-        for param, want in (("eps", -x), ("x0", -x / g ** 2)):
+        for param, want, want_eps in (("eps", -x, g * x), ("x0", -x / g ** 2, x / g)):
             m = mm.MLPScore(5, 8, param=param)
             m.net[-1].weight.zero_()
             m.net[-1].bias.zero_()
             assert torch.allclose(m(x, t), want, rtol=1e-5)
+            assert torch.allclose(m.predict_eps(x, t), want_eps, rtol=1e-5)
 
 
 def test_bad_arguments_are_named():
@@ -127,5 +149,13 @@ def test_bad_arguments_are_named():
         mm.MLPScore(4, 3, param="v")
     with pytest.raises(ValueError, match="n_t"):
         mm.score_errors(mm.MLPScore(4, 3), SubspaceMoG(4, 1, 1, 2), n_t=0)
+    with pytest.raises(ValueError, match="n_eval"):
+        mm.score_errors(mm.MLPScore(4, 3), SubspaceMoG(4, 1, 1, 2), n_eval=0)
+    with pytest.raises(ValueError, match="dim must"):
+        mm.sample(mm.MLPScore(3, 4), 4, 0)
+    with pytest.raises(ValueError, match="nonzero row"):
+        mm.ksubspaces(torch.zeros(10, 4), 2, 2)
+    with pytest.raises(ValueError, match="n_trials"):
+        mm.ksubspaces(torch.randn(10, 4), 2, 2, n_trials=0)
     with pytest.raises(SystemExit):
         mm.main(["--parts", "nothing"])

@@ -65,7 +65,8 @@ def test_samples_lie_in_their_subspaces_and_parameters_are_valid():
 
 @pytest.mark.parametrize("kwargs,word", [({"dim": 0}, "dim"), ({"n_experts": 0}, "n_experts"),
                                          ({"latent_dim": 9}, "latent_dim"), ({"var_range": (0.0, 1.0)}, "var_range"),
-                                         ({"mean_scale": -1.0}, "mean_scale")])
+                                         ({"mean_scale": -1.0}, "mean_scale"), ({"mean_scale": "1"}, "mean_scale"),
+                                         ({"var_range": 0.1}, "var_range")])
 def test_bad_arguments_are_named(kwargs, word):
     args = {"dim": 8, "n_experts": 2, "n_components": 2, "latent_dim": 3} | kwargs
     with pytest.raises(ValueError, match=word):
@@ -78,5 +79,7 @@ def test_bad_call_arguments_are_named():
         gen.sample(0)
     with pytest.raises(ValueError, match="gamma"):
         gen.log_prob(torch.zeros(2, 4, dtype=torch.float64), s=1.0, gamma=0.0)
+    with pytest.raises(ValueError, match="s must be a number or have one value per row"):
+        gen.log_prob(torch.zeros(2, 4, dtype=torch.float64), s=torch.ones(3), gamma=0.5)
     with pytest.raises(ValueError, match="either t or"):
         gen.score(torch.zeros(2, 4, dtype=torch.float64), 0.5, s=1.0, gamma=0.5)

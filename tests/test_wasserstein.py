@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import wasserstein_distance
 
-from moekernels.metrics.wasserstein import mode_coverage, sliced_wasserstein, wasserstein_1d
+from moekernels.metrics.wasserstein import mode_coverage, random_directions, sliced_wasserstein, wasserstein_1d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +70,15 @@ def test_bad_arguments_name_the_argument():
         sliced_wasserstein(np.zeros((3, 2)), np.zeros((3, 2)), n_projections=0)
     with pytest.raises(ValueError, match="stds and weights"):
         mode_coverage(np.zeros((3, 2)), np.zeros((2, 2)), [1.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="weights must be finite and > 0"):
+        mode_coverage(np.zeros((3, 2)), np.zeros((2, 2)), [1.0, 1.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="stds must"):
+        mode_coverage(np.zeros((3, 2)), np.zeros((2, 2)), [1.0, -1.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="x must have"):
+        mode_coverage(np.zeros((0, 2)), np.zeros((2, 2)), [1.0, 1.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="radius"):
+        mode_coverage(np.zeros((3, 2)), np.zeros((2, 2)), [1.0, 1.0], [0.5, 0.5], radius=0.0)
+    with pytest.raises(ValueError, match="x must be numeric"):
+        wasserstein_1d(["a", "b"], [1.0])
+    with pytest.raises(ValueError, match="dim must"):
+        random_directions(5, 0)

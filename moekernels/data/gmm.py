@@ -89,6 +89,11 @@ def gmm_log_prob(spec: GMMSpec, x: torch.Tensor) -> torch.Tensor:
     """Exact log-density of the mixture at x (n, D), float64 (via the fused ``mog_posterior`` op)."""
     from moekernels.ops.mog_posterior import mog_posterior
 
+    if not isinstance(spec, GMMSpec):
+        raise ValueError(f"gmm_log_prob: spec must be a GMMSpec, got {type(spec).__name__}")
     means, stds, weights = (torch.from_numpy(a) for a in spec.arrays())
     x = torch.as_tensor(x, dtype=torch.float64)
+    if x.dim() != 2 or x.shape[1] != spec.dim:
+        raise ValueError(f"gmm_log_prob: x must be (n, D) with D = {spec.dim} for {spec.name!r}, got shape "
+                         f"{tuple(x.shape)}")
     return mog_posterior(x, means, 2 * stds.log(), weights.log()).lse

@@ -59,8 +59,11 @@ class SubspaceMoG:
                 raise ValueError(f"SubspaceMoG: {name} must be an int >= 1, got {v!r}")
         if latent_dim > dim:
             raise ValueError(f"SubspaceMoG: latent_dim={latent_dim} must be <= dim={dim}")
-        if not (mean_scale >= 0 and math.isfinite(mean_scale)):
+        if not (isinstance(mean_scale, (int, float)) and mean_scale >= 0 and math.isfinite(mean_scale)):
             raise ValueError(f"SubspaceMoG: mean_scale must be finite and >= 0, got {mean_scale!r}")
+        if not (isinstance(var_range, (tuple, list)) and len(var_range) == 2
+                and all(isinstance(v, (int, float)) for v in var_range)):
+            raise ValueError(f"SubspaceMoG: var_range must be (lo, hi) with 0 < lo <= hi, got {var_range!r}")
         lo, hi = var_range
         if not (0 < lo <= hi and math.isfinite(hi)):
             raise ValueError(f"SubspaceMoG: var_range must be (lo, hi) with 0 < lo <= hi, got {var_range!r}")
@@ -137,6 +140,10 @@ class SubspaceMoG:
         g = torch.as_tensor(gamma, dtype=torch.float64).reshape(-1)
         if bool((g <= 0).any()):
             raise ValueError("SubspaceMoG.log_prob: gamma must be > 0")
+        for name, v in (("s", s), ("gamma", g)):
+            if v.numel() not in (1, B):
+                raise ValueError(f"SubspaceMoG.log_prob: {name} must be a number or have one value per row of x "
+                                 f"({B}), got {v.numel()} values")
         if s.numel() == 1 and g.numel() == 1:
             s_rows, g_rows = s.expand(B), g.expand(B)
         else:

@@ -15,33 +15,45 @@ x_0 = c + (x - c - gamma eps) / s at t_min (``denoise=True``). ``model(x, t)`` g
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
-from moekernels.diffusion.schedules import Schedule, VPSchedule
+from moekernels.diffusion.schedules import DiscreteSchedule, Schedule, VPSchedule
 
 __all__ = ["sde_coefficients", "reverse_sde_sample", "probability_flow_sample"]
 
 
+def _derivative(fn, t: float, h: float = 1e-5) -> float:
+    """d fn / dt at t in [0, 1] in float64: central differences inside, second-order one-sided at the ends."""
+    if t - h < 0:
+        return (-3 * fn(t) + 4 * fn(t + h) - fn(t + 2 * h)) / (2 * h)
+    if t + h > 1:
+        return (3 * fn(t) - 4 * fn(t - h) + fn(t - 2 * h)) / (2 * h)
+    return (fn(t + h) - fn(t - h)) / (2 * h)
+
+
 def sde_coefficients(schedule: Schedule, t: float):
-    """(f(t), g(t)^2) of the forward SDE of ``schedule`` at a scalar t: exact for ``VPSchedule``, central
-    differences (float64) of log s and gamma^2 otherwise."""
+    """(f(t), g(t)^2) of the forward SDE of ``schedule`` at a scalar t in [0, 1]: exact for ``VPSchedule``,
+    second-order finite differences (float64) of log s and gamma^2 otherwise."""
+    t = float(t)
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"sde_coefficients: t must be in [0, 1], got {t!r}")
     if isinstance(schedule, VPSchedule):
-        b = float(schedule.beta(float(t)))
+        b = float(schedule.beta(t))
         return -0.5 * b, b
-    h = 1e-5
-    lo, hi = max(t - h, 0.0), min(t + h, 1.0)
-    dlogs = (torch.tensor(schedule.s(hi), dtype=torch.float64).log()
-             - torch.tensor(schedule.s(lo), dtype=torch.float64).log()) / (hi - lo)
-    dg2 = (schedule.gamma(hi) ** 2 - schedule.gamma(lo) ** 2) / (hi - lo)
-    f = float(dlogs)
-    return f, float(dg2 - 2 * f * schedule.gamma(float(t)) ** 2)
+    f = _derivative(lambda u: math.log(float(schedule.s(u))), t)
+    dg2 = _derivative(lambda u: float(schedule.gamma(u)) ** 2, t)
+    return f, dg2 - 2 * f * float(schedule.gamma(t)) ** 2
 
 
 def _check(schedule, x_T, n_steps, t_min, center, prediction, where):
     if not isinstance(schedule, Schedule):
         raise ValueError(f"{where}: schedule must be a moekernels.diffusion Schedule, got {type(schedule).__name__}")
+    if isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"{where}: schedule must be a continuous-time Schedule (t in [0, 1]); a DiscreteSchedule's "
+                         f"t is an integer DDPM step (use DDPMScheduler.step)")
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
         raise ValueError(f"{where}: x_T must be a floating-point tensor (B, ...)")
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < 1:
@@ -54,10 +66,14 @@ def _check(schedule, x_T, n_steps, t_min, center, prediction, where):
         return torch.zeros((), dtype=x_T.dtype, device=x_T.device)
     center = torch.as_tensor(center, dtype=x_T.dtype, device=x_T.device)
     try:
-        torch.broadcast_shapes(center.shape, x_T.shape)
+        ok = torch.broadcast_shapes(center.shape, x_T.shape) == x_T.shape
     except RuntimeError:
-        raise ValueError(f"{where}: center of shape {tuple(center.shape)} does not broadcast against x_T of shape "
-                         f"{tuple(x_T.shape)}") from None
+        ok = False
+    if not ok:
+        raise ValueError(f"{where}: center of shape {tuple(center.shape)} does not broadcast to x_T's shape "
+                         f"{tuple(x_T.shape)}")
+    if not bool(torch.isfinite(center).all()):
+        raise ValueError(f"{where}: center must be finite")
     return center
 
 

@@ -178,6 +178,8 @@ class MixSGM(_MixBase):
             raise ValueError(f"MixSGM: schedule must be a VPSchedule, got {type(self.schedule).__name__}")
         if not (isinstance(t_min, (int, float)) and 0 < t_min < 1):
             raise ValueError(f"MixSGM: t_min must be in (0, 1), got {t_min!r}")
+        if not (isinstance(time_scale, (int, float)) and 0 < time_scale < math.inf):
+            raise ValueError(f"MixSGM: time_scale must be a finite number > 0, got {time_scale!r}")
         self.t_min, self.time_scale = float(t_min), float(time_scale)
 
     def forward(self, x, t, k=None):
@@ -228,6 +230,8 @@ class ExactGMMEps(EpsMLP):
         c = prior.centres.double()
         self.assign = (torch.cdist(self.mu, c).argmin(1) if assign is None else assign)
         self.c = c[self.assign]  # (J, D) centre of each data component
+        self.covered = torch.zeros(prior.n_components, dtype=torch.bool)
+        self.covered[self.assign] = True  # prior components with at least one data component
         self.s_gamma = s_gamma
 
     def forward(self, x, t, k=None):
@@ -238,6 +242,10 @@ class ExactGMMEps(EpsMLP):
         v = s[..., 0] ** 2 * self.sd ** 2 + g[..., 0] ** 2         # (B, J)
         logp = self.logw - 0.5 * x.shape[1] * v.log() - 0.5 * (xd - m).square().sum(-1) / v
         if k is not None:
+            if not bool(self.covered[k].all()):
+                empty = sorted(set(k.tolist()) - set(self.assign.tolist()))
+                raise ValueError(f"ExactGMMEps: no data component is assigned to prior component(s) {empty} "
+                                 f"(assign={self.assign.tolist()}): the eps conditioned on such a k is undefined")
             logp = logp.masked_fill(self.assign[None, :] != k[:, None], -math.inf)
         post = torch.softmax(logp, -1)
         return (post[..., None] * g * (xd - m) / v[..., None]).sum(1).to(x.dtype)
@@ -299,7 +307,7 @@ class RunConfig:
     n_components: int = 0           # 0: the true number of modes (synthetic) / 10 (digits)
     soft_dispatch: bool = False
     ddpm_timesteps: int = 200
-    ddpm_beta_end: float = 0.1      # linear 1e-4..beta_end: abar_T ~ 4e-5, so N(0, I) / N(c_k, I) is the right prior
+    ddpm_beta_end: float = 0.1      # linear 1e-4..beta_end: abar_T ~ 3e-5, so N(0, I) / N(c_k, I) is the right prior
     sgm_steps: int = 200
     n_data: int = 20000
     n_samples: int = 4000
@@ -718,6 +726,9 @@ def main(argv=None) -> int:
             raise SystemExit(f"{name}: give at least one value")
     if any(not 0 < b <= 1 for b in budgets):
         raise SystemExit(f"--budgets: every budget must be in (0, 1], got {budgets}")
+    for name, v in (("--threads", args.threads), ("--full-steps", args.full_steps), ("--n-samples", args.n_samples)):
+        if v is not None and v < 1:
+            raise SystemExit(f"{name} must be >= 1, got {v}")
     torch.set_num_threads(args.threads)
     command = "moekernels reproduce mixdiffusion " + " ".join(sys.argv[1:] if argv is None else argv)
     todo = []

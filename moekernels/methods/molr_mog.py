@@ -10,6 +10,8 @@ same data and budget (AdamW, cosine LR, EMA; ``moekernels.diffusion.training.tra
 * ``mlp_sim`` / ``mlp_10x``: ``MLPScore`` (epsilon prediction with a gamma(t) x skip) with about 1x / 10x the
   MoLR-MoG parameter count; ``mlpx0_sim`` / ``mlpx0_10x``: the same MLPs predicting s x_0 (score -x/gamma^2 built in).
 * ``molr_randinit``: ``molr`` from random bases (ablation of the K-subspaces initialisation, ``ksubspaces``).
+  Caveat: it is trained with ``lr_mlp`` (2e-3), not ``molr``'s ``lr_molr`` (2e-2), so this ablation also
+  lowers the learning rate 10x (``run_synthetic`` picks ``lr_molr`` only for ``model == "molr"``).
 
 DSM loss: t ~ U[t_min, 1], x_t = s x_0 + gamma eps, loss = mean ||gamma score_theta(x_t, t) + eps||^2 (the
 epsilon-MSE; VP schedule beta 0.1..20). Metrics (fresh test draws, t on a uniform grid of ``n_t_eval`` points in
@@ -181,8 +183,9 @@ def score_errors(model: nn.Module, gen: SubspaceMoG, n_eval: int = 1000, n_t: in
     """Score error of ``model`` against the true score of ``gen`` on fresh draws, per t on a uniform grid of
     ``n_t`` points in [t_min, 1]: relative L2 error and excess epsilon-MSE (see the module docstring)."""
     _check_t_min(t_min)
-    if not isinstance(n_t, int) or n_t < 1:
-        raise ValueError(f"score_errors: n_t must be an int >= 1, got {n_t!r}")
+    for name, v in (("n_eval", n_eval), ("n_t", n_t)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"score_errors: {name} must be an int >= 1, got {v!r}")
     g = torch.Generator().manual_seed(seed)
     x0 = gen.sample(n_eval, generator=g).to(torch.float64)
     ts = np.linspace(t_min, 1.0, n_t)
@@ -249,9 +252,15 @@ def ksubspaces(x: torch.Tensor, n_subspaces: int, dim: int, n_iter: int = 10, n_
         raise ValueError(f"ksubspaces: x must be (n, D), got shape {tuple(x.shape)}")
     n, D = x.shape
     if not (1 <= dim <= D) or n_subspaces < 1 or n < dim:
-        raise ValueError(f"ksubspaces: need 1 <= dim <= D and n >= dim, got dim={dim}, D={D}, n={n}")
+        raise ValueError(f"ksubspaces: need 1 <= dim <= D, n_subspaces >= 1 and n >= dim, got dim={dim}, D={D}, "
+                         f"n_subspaces={n_subspaces}, n={n}")
+    for name, v in (("n_iter", n_iter), ("n_trials", n_trials), ("power_iter", power_iter)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"ksubspaces: {name} must be an int >= 1, got {v!r}")
     x = x.double()
     sq = (x * x).sum(1)
+    if not bool(torch.isfinite(sq).all()) or float(sq.sum()) == 0.0:
+        raise ValueError("ksubspaces: x must be finite with at least one nonzero row")
 
     def resid(Q):  # (n,) squared distance of each row to span(Q)
         return (sq - ((x @ Q) ** 2).sum(1)).clamp_min(0)
@@ -299,6 +308,8 @@ def sample(model: nn.Module, n: int, dim: int, schedule: Schedule | None = None,
         raise ValueError(f"sample: method must be 'sde' or 'ode', got {method!r}")
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"sample: n must be an int >= 1, got {n!r}")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise ValueError(f"sample: dim must be an int >= 1, got {dim!r}")
     schedule = schedule if schedule is not None else getattr(model, "schedule", VPSchedule())
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn(n, dim, generator=g, dtype=dtype)
@@ -310,7 +321,7 @@ def sample(model: nn.Module, n: int, dim: int, schedule: Schedule | None = None,
 # ------------------------------------------------------------------------------------------------ synthetic runs
 @dataclass
 class SynthConfig:
-    model: str = "molr"                 # one of SYNTH_MODELS (molr_randinit: random bases, no K-subspaces)
+    model: str = "molr"                 # one of SYNTH_MODELS (molr_randinit: random bases, no K-subspaces, lr_mlp)
     dim: int = 256
     n_train: int = 1000
     n_experts: int = 4
@@ -360,7 +371,7 @@ def run_synthetic(cfg: SynthConfig, out_dir: str | os.PathLike | None = None) ->
     t0 = time.perf_counter()
     model = _synth_model(cfg, schedule, data)
     init_s = time.perf_counter() - t0
-    lr = cfg.lr_molr if cfg.model == "molr" else cfg.lr_mlp
+    lr = cfg.lr_molr if cfg.model == "molr" else cfg.lr_mlp  # molr_randinit: lr_mlp (see the module docstring)
     tcfg = TrainConfig(steps=cfg.steps, batch_size=min(cfg.batch_size, cfg.n_train), lr=lr, weight_decay=0.0,
                        grad_clip=1.0, seed=cfg.seed, progress=cfg.progress, checkpoint_every=0)
     before = score_errors(model, gen, cfg.n_eval, cfg.n_t_eval, cfg.t_min, seed=cfg.seed + 3000)

@@ -20,7 +20,10 @@ __all__ = ["wasserstein_1d", "sliced_wasserstein", "random_directions", "mode_co
 
 def _as_tensor(a, name: str, where: str) -> torch.Tensor:
     if isinstance(a, (list, tuple)):
-        a = np.asarray(a, dtype=np.float64)
+        try:
+            a = np.asarray(a, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {name} must be numeric, got a {type(a).__name__} that is not") from None
     if isinstance(a, np.ndarray) and a.dtype.kind in "fiu":
         a = torch.from_numpy(a)
     if not isinstance(a, torch.Tensor):
@@ -71,6 +74,9 @@ def wasserstein_1d(x, y, p: float = 1) -> float:
 
 def random_directions(n: int, dim: int, seed: int = 0) -> torch.Tensor:
     """n directions uniform on the unit sphere of R^dim (float64, seeded)."""
+    for name, v in (("n", n), ("dim", dim)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"random_directions: {name} must be an int >= 1, got {v!r}")
     g = torch.Generator().manual_seed(int(seed))
     th = torch.randn(n, dim, generator=g, dtype=torch.float64)
     return th / th.norm(dim=1, keepdim=True)
@@ -109,6 +115,15 @@ def mode_coverage(x, means, stds, weights, radius: float = 3.0) -> dict:
     K, D = means.shape
     if stds.shape != (K,) or weights.shape != (K,):
         raise ValueError(f"{where}: stds and weights must be (K,)=({K},), got {stds.shape} and {weights.shape}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: x must have at least one row")
+    if not (np.isfinite(stds).all() and (stds > 0).all()):
+        raise ValueError(f"{where}: stds must be finite and > 0, got {stds.tolist()}")
+    if not (np.isfinite(weights).all() and (weights > 0).all()):
+        raise ValueError(f"{where}: weights must be finite and > 0 (every mode of the true mixture), got "
+                         f"{weights.tolist()}")
+    if not (isinstance(radius, (int, float)) and not isinstance(radius, bool) and 0 < radius < float("inf")):
+        raise ValueError(f"{where}: radius must be a finite number > 0, got {radius!r}")
     from scipy.stats import chi2
 
     d = torch.cdist(x, torch.from_numpy(means))  # (n, K)

@@ -11,8 +11,12 @@ z = mu + exp(log_var / 2) eps (reparametrised), sigma = ``recon_sigma``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+
+from moekernels.diffusion.training import TrainConfig, train
 
 __all__ = ["VAE", "ClassVAEs", "train_vae", "train_vaes"]
 
@@ -41,11 +45,16 @@ class VAE(nn.Module):
             raise ValueError(f"VAE: dim must be an int >= 1, got {dim!r}")
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise ValueError(f"VAE: latent_dim must be an int >= 1, got {latent_dim!r}")
-        if not recon_sigma > 0:
-            raise ValueError(f"VAE: recon_sigma must be > 0, got {recon_sigma!r}")
-        if not beta >= 0:
-            raise ValueError(f"VAE: beta must be >= 0, got {beta!r}")
-        hidden = tuple(int(h) for h in hidden)
+        if not (isinstance(recon_sigma, (int, float)) and recon_sigma > 0 and math.isfinite(recon_sigma)):
+            raise ValueError(f"VAE: recon_sigma must be a finite number > 0, got {recon_sigma!r}")
+        if not (isinstance(beta, (int, float)) and beta >= 0 and math.isfinite(beta)):
+            raise ValueError(f"VAE: beta must be a finite number >= 0, got {beta!r}")
+        try:
+            hidden = tuple(hidden)
+        except TypeError:
+            raise ValueError(f"VAE: hidden must be a sequence of ints >= 1, got {hidden!r}") from None
+        if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in hidden):
+            raise ValueError(f"VAE: hidden must be a sequence of ints >= 1, got {hidden!r}")
         self.dim, self.latent_dim, self.recon_sigma, self.beta = dim, latent_dim, float(recon_sigma), float(beta)
         self.encoder = _mlp((dim,) + hidden + (2 * latent_dim,))
         self.decoder = _mlp((latent_dim,) + hidden[::-1] + (dim,))
@@ -127,36 +136,34 @@ class ClassVAEs(nn.Module):
         return self.decode(self.encode(x, y)[0], y)
 
 
+def _vae_loss(model: VAE, batch: torch.Tensor, generator: torch.Generator):
+    """``loss_fn`` for ``moekernels.diffusion.training.train``: the negative ELBO, with the MSE and KL recorded."""
+    loss, rec, kl = model.loss(batch, generator=generator)
+    return loss, {"recon_mse": rec.detach(), "kl": kl.detach()}
+
+
 def train_vae(vae: VAE, x: torch.Tensor, steps: int = 2000, batch_size: int = 64, lr: float = 2e-3,
               seed: int = 0) -> list:
-    """Adam with cosine LR to 0 on the rows of x (shuffled epochs, drop_last unless x is smaller than a batch).
+    """Train ``vae`` on the rows of x with the project's training loop (``moekernels.diffusion.training.train``):
+    Adam (AdamW with weight_decay=0), cosine LR to 0, no gradient clipping, shuffled epochs with drop_last, batch
+    min(batch_size, len(x)); the trained weights are ``vae``'s own (the loop's EMA copy is not used).
     Returns the per-step loss history."""
-    if not isinstance(steps, int) or steps < 0:
+    if not isinstance(vae, VAE):
+        raise ValueError(f"train_vae: vae must be a VAE, got {type(vae).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[0] < 1:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"train_vae: x must be a non-empty (N, {vae.dim}) tensor, got {shape}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"train_vae: steps must be an int >= 0, got {steps!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"train_vae: batch_size must be an int >= 1, got {batch_size!r}")
-    if not lr > 0:
-        raise ValueError(f"train_vae: lr must be > 0, got {lr!r}")
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    bs = min(batch_size, len(x))
-    hist, perm, pos = [], torch.randperm(len(x), generator=g), 0
-    vae.train()
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"train_vae: lr must be a finite number > 0, got {lr!r}")
+    cfg = TrainConfig(steps=steps, batch_size=min(batch_size, len(x)), lr=float(lr), weight_decay=0.0,
+                      grad_clip=None, seed=int(seed), checkpoint_every=0, progress=False)
     with torch.enable_grad():
-        for _ in range(steps):
-            if pos + bs > len(x):
-                perm, pos = torch.randperm(len(x), generator=g), 0
-            idx = perm[pos:pos + bs]
-            pos += bs
-            loss = vae.loss(x[idx], generator=g)[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            hist.append(float(loss.detach()))
-    vae.eval()
-    return hist
+        res = train(vae, x, _vae_loss, cfg)
+    return res.history["loss"]
 
 
 def train_vaes(vaes: ClassVAEs, x: torch.Tensor, y: torch.Tensor, steps: int = 2000, batch_size: int = 64,
