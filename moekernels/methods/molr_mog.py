@@ -9,9 +9,8 @@ same data and budget (AdamW, cosine LR, EMA; ``moekernels.diffusion.training.tra
 * ``molr``: ``MoLRMoGScore(D, K, L, d)`` (K D d + 2 K L d + K L parameters, learned orthonormal bases), fused op.
 * ``mlp_sim`` / ``mlp_10x``: ``MLPScore`` (epsilon prediction with a gamma(t) x skip) with about 1x / 10x the
   MoLR-MoG parameter count; ``mlpx0_sim`` / ``mlpx0_10x``: the same MLPs predicting s x_0 (score -x/gamma^2 built in).
-* ``molr_randinit``: ``molr`` from random bases (ablation of the K-subspaces initialisation, ``ksubspaces``).
-  Caveat: it is trained with ``lr_mlp`` (2e-3), not ``molr``'s ``lr_molr`` (2e-2), so this ablation also
-  lowers the learning rate 10x (``run_synthetic`` picks ``lr_molr`` only for ``model == "molr"``).
+* ``molr_randinit``: ``molr`` from random bases (ablation of the K-subspaces initialisation, ``ksubspaces``;
+  everything else, the learning rate ``lr_molr`` included, as ``molr``).
 
 DSM loss: t ~ U[t_min, 1], x_t = s x_0 + gamma eps, loss = mean ||gamma score_theta(x_t, t) + eps||^2 (the
 epsilon-MSE; VP schedule beta 0.1..20). Metrics (fresh test draws, t on a uniform grid of ``n_t_eval`` points in
@@ -321,7 +320,7 @@ def sample(model: nn.Module, n: int, dim: int, schedule: Schedule | None = None,
 # ------------------------------------------------------------------------------------------------ synthetic runs
 @dataclass
 class SynthConfig:
-    model: str = "molr"                 # one of SYNTH_MODELS (molr_randinit: random bases, no K-subspaces, lr_mlp)
+    model: str = "molr"                 # one of SYNTH_MODELS (molr_randinit: random bases, no K-subspaces)
     dim: int = 256
     n_train: int = 1000
     n_experts: int = 4
@@ -371,7 +370,7 @@ def run_synthetic(cfg: SynthConfig, out_dir: str | os.PathLike | None = None) ->
     t0 = time.perf_counter()
     model = _synth_model(cfg, schedule, data)
     init_s = time.perf_counter() - t0
-    lr = cfg.lr_molr if cfg.model == "molr" else cfg.lr_mlp  # molr_randinit: lr_mlp (see the module docstring)
+    lr = cfg.lr_molr if cfg.model.startswith("molr") else cfg.lr_mlp
     tcfg = TrainConfig(steps=cfg.steps, batch_size=min(cfg.batch_size, cfg.n_train), lr=lr, weight_decay=0.0,
                        grad_clip=1.0, seed=cfg.seed, progress=cfg.progress, checkpoint_every=0)
     before = score_errors(model, gen, cfg.n_eval, cfg.n_t_eval, cfg.t_min, seed=cfg.seed + 3000)
