@@ -105,15 +105,19 @@ class _ResidualBlock(nn.Module):
         return h + self.ff(torch.relu(h))
 
 
+def _baseline_mlp(in_dim: int, hidden: int, n_residual: int) -> nn.Sequential:
+    """Linear in->hidden, n_residual blocks h + Linear(ReLU(h)), ReLU, Linear hidden->2."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), *[_ResidualBlock(hidden) for _ in range(n_residual)],
+                         nn.ReLU(), nn.Linear(hidden, 2))
+
+
 class BaselineDenoiser(nn.Module):
     """The baseline MLP noise predictor: forward(x (B, 2), t (B,) int) -> eps_hat (B, 2)."""
 
     def __init__(self, emb: int = 128, hidden: int = 256, n_residual: int = 3, input_scale: float = 25.0):
         super().__init__()
         self.embed = _InputEmbedding(emb, input_scale)
-        self.network = nn.Sequential(nn.Linear(self.embed.out_dim, hidden),
-                                     *[_ResidualBlock(hidden) for _ in range(n_residual)],
-                                     nn.ReLU(), nn.Linear(hidden, 2))
+        self.network = _baseline_mlp(self.embed.out_dim, hidden, n_residual)
 
     def forward(self, x, t):
         return self.network(self.embed(x, t))
@@ -168,9 +172,7 @@ class MoGExpertDenoiser(nn.Module):
         from moekernels.nn.molr import MoLRMoGScore
 
         self.embed = _InputEmbedding(emb, input_scale)
-        self.network = nn.Sequential(nn.Linear(self.embed.out_dim, hidden),
-                                     *[_ResidualBlock(hidden) for _ in range(n_residual)],
-                                     nn.ReLU(), nn.Linear(hidden, 2))
+        self.network = _baseline_mlp(self.embed.out_dim, hidden, n_residual)
         widths = (self.embed.out_dim, *gate_hidden)
         layers = []
         for a, b in zip(widths[:-1], widths[1:]):
