@@ -14,16 +14,11 @@ namespace moekernels {
 namespace cpu {
 namespace avx2 {
 
-// exp(x) for 8 floats (Cephes expf polynomial, ~1 ulp on [-87.3, 88.7]); returns exactly 0 below -87.3 (the
-// smallest normal result), +inf is never produced for x <= 88.7 (larger x are clamped).
-MOEK_AVX2_INLINE __m256 exp_ps(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-  // n = round(x / ln 2), r = x - n ln 2 (ln 2 split in two for an exact first product)
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// The shared core of exp_ps / exp_nonpos_ps (x already clamped): fx = round(x / ln 2) and the Cephes polynomial
+// y = exp(r) for r = x - fx ln 2 (ln 2 split in two for an exact first product); exp(x) = y * 2^fx.
+MOEK_AVX2_INLINE __m256 exp_reduced_ps(__m256 x, __m256& fx) {
+  fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 y = _mm256_set1_ps(1.9875691500E-4f);
@@ -32,8 +27,18 @@ MOEK_AVX2_INLINE __m256 exp_ps(__m256 x) {
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
   y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  const __m256 r2 = _mm256_mul_ps(r, r);
-  y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  return _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+}
+
+// exp(x) for 8 floats (Cephes expf polynomial, ~1 ulp on [-87.3, 88.7]); returns exactly 0 below -87.3 (the
+// smallest normal result), +inf is never produced for x <= 88.7 (larger x are clamped).
+MOEK_AVX2_INLINE __m256 exp_ps(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 fx;
+  __m256 y = exp_reduced_ps(x, fx);
   // scale by 2^n: n in [-126, 128); 2^128 would overflow the exponent field, so split the scaling in two
   __m256i n = _mm256_cvtps_epi32(fx);
   const __m256i n1 = _mm256_srai_epi32(n, 1);
@@ -50,17 +55,8 @@ MOEK_AVX2_INLINE __m256 exp_nonpos_ps(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
   x = _mm256_max_ps(x, lo);
-  const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073E-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894E-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459E-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201E-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256 fx;
+  const __m256 y = exp_reduced_ps(x, fx);
   // n = fx in [-126, 0]: 2^n is a normal float
   const __m256i n = _mm256_cvtps_epi32(fx);
   const __m256 p = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
